@@ -1,0 +1,28 @@
+"""dinalrm-align: DiNa-LRM, a diffusion-native latent reward model for aligning SD3.5.
+
+The public names are imported lazily so that ``import dinalrm_align`` stays cheap
+(diffusers/transformers/peft are only imported when a model is built).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LatentRewardModel": "dinalrm_align.reward_model.model",
+    "RewardModelConfig": "dinalrm_align.reward_model.config",
+    "encode_prompts": "dinalrm_align.reward_model.text",
+    "PromptEmbeddingCache": "dinalrm_align.reward_model.text",
+    "score_images": "dinalrm_align.reward_model.images",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dinalrm_align' has no attribute {name!r}")
