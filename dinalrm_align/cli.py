@@ -13,9 +13,18 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("dinalrm_align.reward_model.cli_score:main", "score images on disk with a latent reward model"),
     "train": ("dinalrm_align.trainer.cli:main", "align SD3 with ReFL or GRPO from a YAML recipe"),
-    "train-rm": ("dinalrm_align.rm_training.cli:train_main", "train a latent reward model on preference pairs"),
-    "eval-rm": ("dinalrm_align.rm_training.cli:eval_main", "pairwise accuracy and calibration of a reward model"),
-    "preprocess": ("dinalrm_align.rm_training.cli:preprocess_main", "encode preference images into latent shards"),
+    "train-rm": (
+        "dinalrm_align.rm_training.cli:train_main",
+        "train a latent reward model on preference pairs",
+    ),
+    "eval-rm": (
+        "dinalrm_align.rm_training.cli:eval_main",
+        "pairwise accuracy and calibration of a reward model",
+    ),
+    "preprocess": (
+        "dinalrm_align.rm_training.cli:preprocess_main",
+        "encode preference images into latent shards",
+    ),
     "serve": ("dinalrm_align.serving.cli:main", "serve a latent reward model over HTTP"),
     "demo": ("dinalrm_align.demo.colour_world:main", "the colour-world demo on the tiny built-in models"),
 }
@@ -41,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"dinalrm-align: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"dinalrm-align: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr
+        )
         return 2
     target, _ = COMMANDS[name]
     module_name, func_name = target.split(":")

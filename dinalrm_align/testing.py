@@ -24,9 +24,38 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Words that the tiny tokenizers know as whole tokens (colour-world prompts use them).
 TINY_WORDS: tuple[str, ...] = (
-    "a", "an", "the", "of", "photo", "painting", "red", "green", "blue", "yellow", "cyan",
-    "magenta", "white", "black", "orange", "purple", "cube", "ball", "car", "house", "tree",
-    "cat", "dog", "flower", "bird", "boat", "cup", "chair", "apple", "hat", "sky", "girl",
+    "a",
+    "an",
+    "the",
+    "of",
+    "photo",
+    "painting",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "cyan",
+    "magenta",
+    "white",
+    "black",
+    "orange",
+    "purple",
+    "cube",
+    "ball",
+    "car",
+    "house",
+    "tree",
+    "cat",
+    "dog",
+    "flower",
+    "bird",
+    "boat",
+    "cup",
+    "chair",
+    "apple",
+    "hat",
+    "sky",
+    "girl",
 )
 
 TINY_TRANSFORMER_KWARGS: dict[str, Any] = dict(
@@ -119,7 +148,9 @@ def tiny_sd3_pipeline(seed: int = 0, num_layers: int = 6) -> StableDiffusion3Pip
     try:
         torch.manual_seed(seed)
         kwargs = dict(TINY_TRANSFORMER_KWARGS, num_layers=num_layers)
-        kwargs["dual_attention_layers"] = tuple(i for i in kwargs["dual_attention_layers"] if i < num_layers - 1)
+        kwargs["dual_attention_layers"] = tuple(
+            i for i in kwargs["dual_attention_layers"] if i < num_layers - 1
+        )
         transformer = SD3Transformer2DModel(**kwargs)
         vae = AutoencoderKL(
             in_channels=3,
@@ -232,7 +263,8 @@ def tiny_reward_model(
         if randomize_zero_init:
             with torch.no_grad():
                 for name, p in rm.named_parameters():
-                    if p.requires_grad and torch.count_nonzero(p) == 0 and p.dim() > 0:
+                    trainable_part = name.startswith("reward_head.") or "lora_" in name
+                    if trainable_part and p.dim() > 0 and torch.count_nonzero(p) == 0:
                         p.normal_(0.0, 0.05)
     finally:
         torch.random.set_rng_state(g_state)
