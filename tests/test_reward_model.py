@@ -28,7 +28,10 @@ def _write_released_layout(root, transformer, seed=0, num_layers=4, vis=(2, 4), 
     tr = copy.deepcopy(transformer)
     plain = PlainBackbone(tr, num_layers)
     peft_model = get_peft_model(
-        plain, LoraConfig(r=r, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(LORA_TARGET_MODULES))
+        plain,
+        LoraConfig(
+            r=r, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(LORA_TARGET_MODULES)
+        ),
     )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -37,12 +40,19 @@ def _write_released_layout(root, transformer, seed=0, num_layers=4, vis=(2, 4), 
     ckpt = root / "checkpoint"
     peft_model.save_pretrained(str(ckpt / "backbone_lora"))
     # Head state dict with the released key names, random values (from a fresh head's shapes).
-    cfg = tiny_reward_model_config(num_transformer_layers=num_layers, visual_head_idx=list(vis), text_head_idx=list(txt))
+    cfg = tiny_reward_model_config(
+        num_transformer_layers=num_layers, visual_head_idx=list(vis), text_head_idx=list(txt)
+    )
     cfg["model"]["lora_config"] = {"r": r, "lora_alpha": alpha, "init_lora_weights": "gaussian"}
     shapes_model = LatentRewardModel.from_config(cfg, transformer=tr)
     head_sd = {k: torch.randn_like(v) * 0.1 for k, v in shapes_model.reward_head.state_dict().items()}
     for k in head_sd:
-        if k.endswith("norm_q.weight") or k.endswith("norm_v.weight") or k.endswith("norm_t.weight") or k == "norm_ff.weight":
+        if (
+            k.endswith("norm_q.weight")
+            or k.endswith("norm_v.weight")
+            or k.endswith("norm_t.weight")
+            or k == "norm_ff.weight"
+        ):
             head_sd[k] = 1 + 0.1 * torch.randn_like(head_sd[k])
     torch.save(head_sd, ckpt / "rm_head.pt")
     cfg["data"] = {"train": {"base_batch_size": 4}}
@@ -153,9 +163,13 @@ def test_saved_lora_is_peft_loadable(tmp_path, tiny_pipe, tiny_rm):
     plain = PlainBackbone(copy.deepcopy(tiny_pipe.transformer), 4)
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(plain, str(folder / "checkpoint" / "backbone_lora"), adapter_name="rm_lora")
+    peft_model = PeftModel.from_pretrained(
+        plain, str(folder / "checkpoint" / "backbone_lora"), adapter_name="rm_lora"
+    )
     ours = {k: v for k, v in tiny_rm.backbone.state_dict().items() if "lora_" in k}
-    theirs = {k.replace("base_model.model.", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    theirs = {
+        k.replace("base_model.model.", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k
+    }
     assert set(ours) == set(theirs)
     for k in ours:
         torch.testing.assert_close(ours[k], theirs[k])
@@ -164,11 +178,16 @@ def test_saved_lora_is_peft_loadable(tmp_path, tiny_pipe, tiny_rm):
 def test_head_only_and_full_model_layouts(tmp_path, tiny_pipe, tiny_text):
     _, pe, pooled = tiny_text
     lat, noise = _latents(4, 5), _latents(4, 6)
-    for overrides in ({"use_lora": False, "freeze_backbone": True}, {"use_lora": False, "freeze_backbone": False}):
+    for overrides in (
+        {"use_lora": False, "freeze_backbone": True},
+        {"use_lora": False, "freeze_backbone": False},
+    ):
         rm = tiny_reward_model(tiny_pipe.transformer, seed=3, **overrides)
         folder = rm.save_pretrained(tmp_path / str(overrides["freeze_backbone"]))
         names = {p.name for p in (folder / "checkpoint").iterdir()}
-        assert names == ({"rm_head.safetensors"} if overrides["freeze_backbone"] else {"full_model.safetensors"})
+        assert names == (
+            {"rm_head.safetensors"} if overrides["freeze_backbone"] else {"full_model.safetensors"}
+        )
         loaded = LatentRewardModel.from_pretrained(folder, transformer=tiny_pipe.transformer)
         torch.testing.assert_close(
             rm.score(lat, prompt_embeds=pe, pooled_prompt_embeds=pooled, noise=noise),
@@ -185,7 +204,9 @@ def test_logistic_output_is_bounded_and_round_trips(tmp_path, tiny_pipe, tiny_te
     lat = _latents(4, 7) * 5
     raw = rm.score(lat, prompt_embeds=pe, pooled_prompt_embeds=pooled, noise=_latents(4, 8))
     assert bool(((raw > -2) & (raw < 2)).all())
-    loaded = LatentRewardModel.from_pretrained(rm.save_pretrained(tmp_path / "rm"), transformer=tiny_pipe.transformer)
+    loaded = LatentRewardModel.from_pretrained(
+        rm.save_pretrained(tmp_path / "rm"), transformer=tiny_pipe.transformer
+    )
     assert float(loaded.eta3) == pytest.approx(0.3) and float(loaded.eta4) == pytest.approx(0.05)
 
 
@@ -217,12 +238,21 @@ def test_gradients_reach_latents_and_trainable_parameters(tiny_pipe, tiny_text):
     _, pe, pooled = tiny_text
     rm = tiny_reward_model(tiny_pipe.transformer, seed=0)
     lat = _latents(4, 11).requires_grad_(True)
-    rm.score(lat, prompt_embeds=pe, pooled_prompt_embeds=pooled, generator=torch.Generator().manual_seed(0)).sum().backward()
+    rm.score(
+        lat, prompt_embeds=pe, pooled_prompt_embeds=pooled, generator=torch.Generator().manual_seed(0)
+    ).sum().backward()
     assert lat.grad is not None and float(lat.grad.abs().sum()) > 0
     assert all(p.grad is None for p in rm.parameters())  # frozen by default
     params = rm.set_trainable(lora=True, head=True)
-    assert params and all("lora_" in n or n.startswith("reward_head") for n, p in rm.named_parameters() if p.requires_grad)
-    rm.score(lat.detach(), prompt_embeds=pe, pooled_prompt_embeds=pooled, generator=torch.Generator().manual_seed(0)).sum().backward()
+    assert params and all(
+        "lora_" in n or n.startswith("reward_head") for n, p in rm.named_parameters() if p.requires_grad
+    )
+    rm.score(
+        lat.detach(),
+        prompt_embeds=pe,
+        pooled_prompt_embeds=pooled,
+        generator=torch.Generator().manual_seed(0),
+    ).sum().backward()
     lora_b = [p for n, p in rm.named_parameters() if "lora_B" in n]
     assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lora_b)
     assert float(rm.reward_head.query_tokens.grad.abs().sum()) > 0
@@ -248,8 +278,12 @@ def test_ensemble_batched_pass_equals_per_level_computation(tiny_rm, tiny_text):
         ref = head_readout(head_sd, torch.cat(vs, 1), torch.cat(ts, 1), HEADS)[:, 0]
     torch.testing.assert_close(ours.detach(), ref, atol=1e-5, rtol=1e-4)
     # a single level through the ensemble path equals score()
-    single = tiny_rm.score_ensemble(lat, prompt_embeds=pe, pooled_prompt_embeds=pooled, us=(0.4,), noise=noise)
-    torch.testing.assert_close(single, tiny_rm.score(lat, prompt_embeds=pe, pooled_prompt_embeds=pooled, u=0.4, noise=noise))
+    single = tiny_rm.score_ensemble(
+        lat, prompt_embeds=pe, pooled_prompt_embeds=pooled, us=(0.4,), noise=noise
+    )
+    torch.testing.assert_close(
+        single, tiny_rm.score(lat, prompt_embeds=pe, pooled_prompt_embeds=pooled, u=0.4, noise=noise)
+    )
 
 
 def test_share_base_weights_saves_memory_and_gives_identical_scores(tiny_text):
@@ -266,7 +300,9 @@ def test_share_base_weights_saves_memory_and_gives_identical_scores(tiny_text):
 
     bytes_own = sum(storages(pipe.transformer, own).values())
     bytes_shared = sum(storages(pipe.transformer, shared).values())
-    base_bytes = sum(p.numel() * p.element_size() for n, p in own.backbone.named_parameters() if "lora_" not in n)
+    base_bytes = sum(
+        p.numel() * p.element_size() for n, p in own.backbone.named_parameters() if "lora_" not in n
+    )
     assert bytes_own - bytes_shared == base_bytes > 0
     # the policy transformer itself is untouched: no adapters injected into it
     assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
@@ -322,7 +358,12 @@ def test_drm_inferencer_matches_upstream_semantics(tmp_path, tiny_pipe, tiny_tex
     _, pe, pooled = tiny_text
     peft_model, head_sd, _ = _write_released_layout(tmp_path, tiny_pipe.transformer, seed=1)
     scorer = DRMInferencer(
-        tiny_pipe, tmp_path / "config.json", tmp_path / "checkpoint", load_from_disk=True, device="cpu", model_dtype=torch.float32
+        tiny_pipe,
+        tmp_path / "config.json",
+        tmp_path / "checkpoint",
+        load_from_disk=True,
+        device="cpu",
+        model_dtype=torch.float32,
     )
     lat = _latents(4, 18)
     torch.manual_seed(123)
@@ -371,7 +412,9 @@ def test_head_key_mismatch_lists_keys(tmp_path, tiny_pipe):
     sd = torch.load(tmp_path / "checkpoint" / "rm_head.pt", weights_only=True)
     sd["bogus.weight"] = sd.pop("head.weight")
     torch.save(sd, tmp_path / "checkpoint" / "rm_head.pt")
-    with pytest.raises(ValueError, match=r"missing keys \['head.weight'\].*unexpected keys \['bogus.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing keys \['head.weight'\].*unexpected keys \['bogus.weight'\]"
+    ):
         LatentRewardModel.from_pretrained(tmp_path, transformer=tiny_pipe.transformer)
 
 
@@ -417,3 +460,18 @@ def test_bad_conditions_u_and_noise_raise_value_error(tiny_rm, tiny_text):
         tiny_rm.score(lat, prompt_embeds=pe * float("inf"), pooled_prompt_embeds=pooled)
     with pytest.raises(ValueError, match="n_noise"):
         tiny_rm.score(lat, n_noise=0, **kw)
+
+
+def test_base_transformer_is_loaded_from_config_when_omitted(tmp_path, tiny_pipe, tiny_text):
+    _, pe, pooled = tiny_text
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    rm = tiny_reward_model(tiny_pipe.transformer, seed=2, backbone_model_id=str(tmp_path / "pipe"))
+    folder = rm.save_pretrained(tmp_path / "rm")
+    loaded = LatentRewardModel.from_pretrained(folder)  # no transformer: read backbone_model_id/transformer
+    lat, noise = _latents(4, 20), _latents(4, 21)
+    kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, noise=noise)
+    torch.testing.assert_close(rm.score(lat, **kw), loaded.score(lat, **kw), atol=1e-6, rtol=1e-6)
+    rm.config.backbone_model_id = str(tmp_path / "nowhere")
+    rm.save_pretrained(tmp_path / "rm2")
+    with pytest.raises(FileNotFoundError, match="base transformer"):
+        LatentRewardModel.from_pretrained(tmp_path / "rm2")
