@@ -1,0 +1,43 @@
+"""Flow-matching samplers for SD3-style policies.
+
+``schedule``: SD3 inference sigmas/timesteps (exactly diffusers'); ``steps``: pure Euler / Flow-GRPO SDE /
+CPS steps with float32 log-probs; ``rollout``: velocity with optional CFG, ODE and SDE rollouts.
+Names are imported lazily so ``import dinalrm_align.sampling`` does not import torch or diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "inference_schedule": "schedule",
+    "step_sigmas": "schedule",
+    "DEFAULT_NOISE_LEVEL": "steps",
+    "SDE_TYPES": "steps",
+    "StepOutput": "steps",
+    "cps_step_with_logprob": "steps",
+    "euler_step": "steps",
+    "gaussian_log_prob": "steps",
+    "predict_x0": "steps",
+    "sde_step_with_logprob": "steps",
+    "step_with_logprob": "steps",
+    "Trajectory": "rollout",
+    "choose_sde_window": "rollout",
+    "ode_rollout": "rollout",
+    "predict_velocity": "rollout",
+    "sde_rollout": "rollout",
+    "step_log_prob": "rollout",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
