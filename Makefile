@@ -10,7 +10,7 @@ EXTRAS ?= dev,serve,deepspeed,trl
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-fast demo lint bench clean
+.PHONY: venv test test-fast demo lint bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -33,9 +33,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VPY) -m ruff check .
 
-bench: $(STAMP)
-	$(VPY) benchmarks/flops.py
-	$(VPY) benchmarks/cpu.py
+bench: $(STAMP)   ## real-scale FLOPs (meta device) + CPU ratios, < 10 min on 2 cores
+	$(VPY) -m benchmarks.flops
+	$(VPY) -m benchmarks.cpu
+
+bench-gpu: $(STAMP)   ## on a CUDA machine: full-size bf16 time/memory into docs/benchmarks.md
+	$(VPY) -m benchmarks.gpu --update-doc docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -475,3 +475,36 @@ def test_base_transformer_is_loaded_from_config_when_omitted(tmp_path, tiny_pipe
     rm.save_pretrained(tmp_path / "rm2")
     with pytest.raises(FileNotFoundError, match="base transformer"):
         LatentRewardModel.from_pretrained(tmp_path / "rm2")
+
+
+def test_merging_the_reward_lora_keeps_scores(tiny_pipe, tiny_text):
+    _, pe, pooled = tiny_text
+    rm = tiny_reward_model(tiny_pipe.transformer, seed=5)
+    lat, noise = _latents(4, 22), _latents(4, 23)
+    kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, noise=noise)
+    before = rm.score(lat, **kw)
+    rm.merge_reward_lora()
+    assert rm.lora_merged
+    torch.testing.assert_close(rm.score(lat, **kw), before, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="merged"):
+        rm.set_trainable(lora=True)
+    shared = tiny_reward_model(tiny_pipe.transformer, seed=5, share_base_weights=True)
+    with pytest.raises(ValueError, match="shared"):
+        shared.merge_reward_lora()
+
+
+def test_reward_model_builds_and_scores_on_the_meta_device():
+    from diffusers import SD3Transformer2DModel
+
+    from dinalrm_align.testing import TINY_TRANSFORMER_KWARGS
+
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**TINY_TRANSFORMER_KWARGS)
+    rm = LatentRewardModel.from_config(tiny_reward_model_config(), transformer=transformer, device="meta")
+    with torch.device("meta"):
+        out = rm.score(
+            torch.empty(2, 16, 32, 32),
+            prompt_embeds=torch.empty(2, 93, 32),
+            pooled_prompt_embeds=torch.empty(2, 64),
+        )
+    assert out.shape == (2,) and out.device.type == "meta"

@@ -68,9 +68,9 @@ def to_pixel_tensors(images: Any) -> list[torch.Tensor]:
     for i, t in enumerate(out):
         if t.dim() != 3 or t.shape[0] != 3:
             raise ValueError(f"image {i} must have 3 channels (3, H, W), got shape {tuple(t.shape)}")
-        if not bool(torch.isfinite(t).all()):
+        if not bool(torch.isfinite(t.detach()).all()):
             raise ValueError(f"image {i} contains NaN or Inf values")
-        lo, hi = float(t.min()), float(t.max())
+        lo, hi = float(t.detach().min()), float(t.detach().max())
         if lo < -1e-3 or hi > 1 + 1e-3:
             raise ValueError(
                 f"image {i} values must lie in [0, 1] (float) or be uint8, got range [{lo:.3f}, {hi:.3f}]"
@@ -87,14 +87,27 @@ def _center_crop(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x[:, top : top + nh, left : left + nw]
 
 
-@torch.no_grad()
 def encode_images(
-    pipe: Any, images: Any, *, sample_posterior: bool = False, generator: torch.Generator | None = None
+    pipe: Any,
+    images: Any,
+    *,
+    sample_posterior: bool = False,
+    generator: torch.Generator | None = None,
+    differentiable: bool = False,
 ) -> list[torch.Tensor]:
     """VAE-encode images into SD3-normalised latents, one (16, h, w) tensor per image.
 
     ``(posterior_mean_or_sample - shift_factor) * scaling_factor``; the posterior mean by default.
+    With ``differentiable=True`` the graph is kept, so gradients flow back to float image tensors
+    (AlignProp-style reward back-propagation through pixels); otherwise no graph is built.
     """
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        return _encode_images(pipe, images, sample_posterior, generator)
+
+
+def _encode_images(
+    pipe: Any, images: Any, sample_posterior: bool, generator: torch.Generator | None
+) -> list[torch.Tensor]:
     vae = pipe.vae
     pixels = to_pixel_tensors(images)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -195,10 +195,38 @@ class LatentRewardModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------ parameters
+    @property
+    def lora_merged(self) -> bool:
+        """Whether the reward LoRA has been folded into the backbone's base weights."""
+        return any(getattr(m, "merged", False) for m in self._lora_layers())
+
+    def _lora_layers(self) -> list[nn.Module]:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m for m in self.backbone.modules() if isinstance(m, BaseTunerLayer)]
+
+    def merge_reward_lora(self) -> LatentRewardModel:
+        """Fold the reward LoRA into the backbone's own base weights (inference only).
+
+        Removes the unmerged LoRA's extra matmuls (~2-3 % of the reward's FLOPs at SD3.5 scale).
+        Not possible with ``share_base_weights=True`` (the base tensors belong to the policy).
+        ``save_pretrained`` still writes the LoRA separately; training the LoRA afterwards is refused.
+        """
+        if self.share_base_weights:
+            raise ValueError(
+                "merge_reward_lora() would modify the shared transformer's weights (share_base_weights=True)"
+            )
+        for layer in self._lora_layers():
+            if not layer.merged:
+                layer.merge(adapter_names=[ADAPTER_NAME])
+        return self
+
     def set_trainable(
         self, lora: bool = True, head: bool = True, backbone: bool = False
     ) -> list[nn.Parameter]:
         """Choose what trains (reward-model training); returns the trainable parameters."""
+        if (lora or backbone) and self.lora_config is not None and self.lora_merged:
+            raise ValueError("the reward LoRA is merged into the base weights; load the model again to train it")
         self.requires_grad_(False)
         for name, param in self.backbone.named_parameters():
             if (lora and "lora_" in name) or (backbone and "lora_" not in name):

@@ -16,7 +16,9 @@ def _require_tensor(x: object, name: str) -> torch.Tensor:
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
-    """Raise if ``x`` contains NaN or Inf."""
+    """Raise if ``x`` contains NaN or Inf (skipped on the meta device, where there are no values)."""
+    if x.device.type == "meta":
+        return
     if not bool(torch.isfinite(x.detach()).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
 

@@ -1,0 +1,84 @@
+"""trl ``DDPOTrainer`` / ``AlignPropTrainer`` reward function (``trl<0.24``, SD1.x pipelines).
+
+trl calls ``reward_function(images, prompts, prompt_metadata)`` with
+
+* ``images``: float tensor (B, 3, H, W) in [0, 1] on the trainer's device (the SD1 VAE's decode),
+* ``prompts``: tuple of B strings, ``prompt_metadata``: tuple of B objects from ``prompt_fn``,
+
+and expects ``(rewards, reward_metadata)``. DDPO does ``torch.as_tensor(rewards, device=...)``,
+``torch.cat`` over sample batches and gathers, so ``rewards`` must be one-dimensional (B,).
+AlignProp back-propagates ``10 - rewards.mean()``, so its rewards must carry gradients to the
+images: use ``differentiable=True`` there.
+
+The images come from an SD1 pipeline; the bridge VAE-encodes them with the **SD3 VAE of the
+reward's pipeline** (pixel bridge) and scores the SD3 latents. ``reward_metadata`` is a dict of
+every component's (B,) scores (for ``image_samples_hook`` logging).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dinalrm_align.rewards import protocol as P
+from dinalrm_align.rewards.composition import AVG, CompositeReward, as_composite
+from dinalrm_align.rewards.dinalrm import resolve_pipeline
+from dinalrm_align.rewards.pixels import images_to_latents
+
+
+class DDPORewardFunction:
+    """``reward_fn(images, prompts, prompt_metadata) -> (rewards (B,) float32, {name: (B,)})``.
+
+    Args:
+        reward: the composite to evaluate (see :func:`ddpo_reward_fn`).
+        pipeline: the SD3 pipeline whose VAE encodes the images.
+        differentiable: keep gradients from rewards to images (AlignProp); every component must
+            then be differentiable.
+    """
+
+    def __init__(self, reward: CompositeReward, pipeline: Any, *, differentiable: bool = False) -> None:
+        if getattr(pipeline, "vae", None) is None:
+            raise ValueError("the DDPO reward needs the SD3 pipeline (its VAE encodes the images)")
+        if differentiable and not reward.differentiable:
+            raise ValueError("differentiable=True needs differentiable components (a remote reward never is)")
+        self.reward = reward
+        self.pipeline = pipeline
+        self.differentiable = differentiable
+
+    def __call__(
+        self, images: Any, prompts: Sequence[str], prompt_metadata: Sequence[Any] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        latents = images_to_latents(images, self.pipeline, differentiable=self.differentiable)
+        metadata = P.check_metadata(prompt_metadata, len(prompts))
+        inputs = dict(latents=latents, prompts=prompts, metadata=metadata)
+        if self.differentiable:
+            details = self.reward.score_differentiable_details(**inputs)
+        else:
+            details = self.reward(**inputs)
+        device = images.device if isinstance(images, torch.Tensor) else latents.device
+        rewards = details[AVG].to(device)
+        return rewards, {k: v.detach().cpu() for k, v in details.items()}
+
+    def set_step(self, step: int) -> None:
+        self.reward.set_step(step)
+
+
+def ddpo_reward_fn(
+    reward: Any, pipeline: Any, *, differentiable: bool = False, name: str = "dinalrm", **kwargs: Any
+) -> DDPORewardFunction:
+    """The trl DDPO / AlignProp ``reward_function`` for a DiNa-LRM (or composite) reward.
+
+    ``reward`` and ``kwargs`` as in :func:`~dinalrm_align.rewards.flow_grpo.flow_grpo_reward`;
+    ``pipeline`` is the **SD3** pipeline (not trl's SD1 pipeline). Use ``u=0.1`` for images that
+    did not come from SD3 (the recommended level for clean encoded images).
+    """
+    pipeline = resolve_pipeline(pipeline, torch_dtype=kwargs.get("torch_dtype"), device=kwargs.get("device"))
+    return DDPORewardFunction(
+        as_composite(reward, pipeline, name=name, **kwargs), pipeline, differentiable=differentiable
+    )
+
+
+alignprop_reward_fn = ddpo_reward_fn
