@@ -18,6 +18,8 @@ name                                what it is
 ``LatentRewardBackend``             UniRL style backend (+ differentiable capability)
 ``NoiseSeeding``                    per-sample seeding of the reward noise
 ``ScoreNormalization``              ``(raw + offset) / scale`` presets
+``make_pickscore``                  PickScore on decoded images ``fn(images, prompts) -> (B,)`` (GRPO mix-in, proxy)
+``PickScoreLatentReward``           the same on latents (VAE decode); built-in composition type ``"pickscore"``
 =================================== =============================================================
 
 Names are imported lazily (``import dinalrm_align.rewards`` loads no model code).
@@ -54,6 +56,9 @@ _LAZY = {
     "NoiseSeeding": "seeding",
     "ScoreNormalization": "normalization",
     "resolve_normalization": "normalization",
+    "make_pickscore": "pickscore",
+    "PickScore": "pickscore",
+    "PickScoreLatentReward": "pickscore",
 }
 
 __all__ = list(_LAZY)

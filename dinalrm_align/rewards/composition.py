@@ -33,6 +33,7 @@ AVG = "avg"
 REWARD_TYPES: dict[str, str] = {
     "dinalrm": "dinalrm_align.rewards.dinalrm:DiNaLatentReward.from_pretrained",
     "remote": "dinalrm_align.rewards.remote:RemoteLatentReward",
+    "pickscore": "dinalrm_align.rewards.pickscore:PickScoreLatentReward",
 }
 
 

@@ -50,6 +50,13 @@ class ProxyReward:
         return [float(v) for v in values]
 
 
+def check_proxy_rewards(configs: Sequence[ProxyRewardConfig]) -> None:
+    """Import every proxy reward's target (cheap: factories are not called), so a bad path fails early."""
+    for cfg in configs:
+        if not callable(import_object(cfg.target)):
+            raise ValueError(f"proxy reward {cfg.target!r} is not callable")
+
+
 def load_proxy_rewards(configs: Sequence[ProxyRewardConfig]) -> list[ProxyReward]:
     """Import every proxy reward now (so a bad import path fails before training starts)."""
     proxies = []

@@ -34,7 +34,7 @@ from dinalrm_align.trainer.checkpointing import (
 from dinalrm_align.trainer.config import TrainConfig, config_to_dict, save_config
 from dinalrm_align.trainer.data import load_prompts, split_eval
 from dinalrm_align.trainer.ema import EMA
-from dinalrm_align.trainer.evaluation import Evaluator, load_proxy_rewards
+from dinalrm_align.trainer.evaluation import Evaluator, check_proxy_rewards, load_proxy_rewards
 from dinalrm_align.trainer.tracking import Tracker
 
 logger = logging.getLogger("dinalrm_align.train")
@@ -213,7 +213,7 @@ class Trainer:
                 "partitioned); set it to false or use ZeRO-2 / DDP"
             )
         self.algorithm.validate(cfg)
-        load_proxy_rewards(cfg.eval.proxy_rewards)
+        check_proxy_rewards(cfg.eval.proxy_rewards)
         self._pre = Preflight(world, accumulation, train_prompts, eval_prompts, resume, stage)
         return self._pre
 
