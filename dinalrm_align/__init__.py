@@ -6,8 +6,7 @@ The public names are imported lazily so that ``import dinalrm_align`` stays chea
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dinalrm_align._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -21,8 +20,4 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'dinalrm_align' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -6,8 +6,7 @@ modules (``refl``, ``grpo``) are imported explicitly by whoever needs them.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dinalrm_align._lazy import lazy_exports
 
 _LAZY = {
     "flow_matching_loss": "losses",
@@ -30,12 +29,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -27,8 +27,7 @@ Names are imported lazily (``import dinalrm_align.rewards`` loads no model code)
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dinalrm_align._lazy import lazy_exports
 
 _LAZY = {
     "LatentReward": "protocol",
@@ -63,8 +62,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -7,8 +7,7 @@ Names are imported lazily so ``import dinalrm_align.sampling`` does not import t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dinalrm_align._lazy import lazy_exports
 
 _LAZY = {
     "inference_schedule": "schedule",
@@ -32,12 +31,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
