@@ -296,7 +296,7 @@ def test_build_composite_dedups_identical_configs(latents):
     out = comp(latents=latents)
     assert torch.allclose(out["avg"], torch.full((4,), 1.0 + 2.0 + 5.0))
     with pytest.raises(ValueError, match="unknown reward type"):
-        build_composite([{"name": "q", "type": "pickscore"}])
+        build_composite([{"name": "q", "type": "no-such-reward"}])
     with pytest.raises(ValueError, match="unknown reward spec keys"):
         build_composite([{"name": "q", "type": path, "weights": 1}])
 
