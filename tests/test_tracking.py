@@ -4,6 +4,7 @@ metrics.jsonl fallback work."""
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,12 @@ def test_wandb_offline_run_folder_has_logged_keys(tmp_path, monkeypatch):
     Trainer(cfg).train()
     runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    history, config = wandb_keys(next(runs[0].glob("run-*.wandb")))
+    run_file = next(runs[0].glob("run-*.wandb"))
+    history, config = wandb_keys(run_file)
+    deadline = time.monotonic() + 30.0
+    while not history and time.monotonic() < deadline:  # wandb-core may still be flushing under load
+        time.sleep(0.5)
+        history, config = wandb_keys(run_file)
     assert {
         "train/loss",
         "train/reward_raw_mean",
