@@ -53,11 +53,11 @@ class ColourWorldConfig:
     eval_pairs_per_prompt: int = 24
     distractor_offset: float = 0.5
     distractor_pattern: float = 0.3
-    min_gap: float = 0.05
+    min_gap: float = 0.1
     label_noise: float = 0.02
     # reward model
     rm_layers: int = 4
-    rm_steps: int = 450
+    rm_steps: int = 600
     rm_init_noise: float = 0.05
     rm_batch_size: int = 32
     rm_lr: float = 5e-3
@@ -74,6 +74,7 @@ class ColourWorldConfig:
     refl_targets: list[str] | None = None
     refl_u: float = 0.4
     refl_last_steps: int = 1
+    refl_ema_decay: float = 0.9
     refl_n_noise: int = 1
     num_threads: int | None = 2
     progress: bool = True
@@ -83,7 +84,7 @@ class ColourWorldConfig:
         """A reduced size for tests (< ~1 minute; the accuracy target is not expected to hold)."""
         return cls(
             out_dir=out_dir, seed=seed, colours=["red", "green", "blue", "white"], objects=["cube", "ball", "car", "tree"],
-            num_eval_prompts=4, seeds_per_prompt=2, eval_seeds_per_prompt=1, tints_per_latent=3, rm_steps=30,
+            num_eval_prompts=4, seeds_per_prompt=2, eval_seeds_per_prompt=1, tints_per_latent=3, rm_layers=2, rm_steps=30,
             rm_batch_size=16, eval_us=[0.4, 0.7], eval_max_pairs=64, refl_steps=4, refl_batch_size=4, refl_eval_every=2,
         )
 
@@ -259,7 +260,7 @@ def refl_config(cfg: ColourWorldConfig, out: Path, world: dict[str, Any], rm_dir
         "optim": {"lr": cfg.refl_lr, "weight_decay": 0.0, "max_grad_norm": 1.0},
         "train": {"max_steps": cfg.refl_steps, "batch_size": cfg.refl_batch_size, "mixed_precision": "no",
                   "num_threads": cfg.num_threads, "log_every": 1},
-        "ema": {"enabled": True, "decay": 0.5, "update_every": 1},
+        "ema": {"enabled": True, "decay": cfg.refl_ema_decay, "update_every": 1},
         "checkpoint": {"every": 0},
         "eval": {
             "every": cfg.refl_eval_every, "at_start": True, "at_end": True, "num_steps": k, "guidance_scale": 1.0,

@@ -37,10 +37,11 @@ def write_figure(
 
     prompts = before_after["prompts"][:max_columns]
     n = len(prompts)
-    fig = plt.figure(figsize=(max(10.0, 1.1 * n), 8.0), dpi=110)
-    grid = fig.add_gridspec(3, max(n, 2), height_ratios=[2.2, 1.0, 1.0], hspace=0.55, wspace=0.15)
-    half = max(n, 2) // 2
-    ax = fig.add_subplot(grid[0, :half])
+    fig = plt.figure(figsize=(max(11.0, 1.1 * n), 7.5), dpi=110)
+    outer = fig.add_gridspec(2, 1, height_ratios=[1.6, 1.4], hspace=0.3)
+    top = outer[0].subgridspec(1, 2, wspace=0.45)
+    cells = outer[1].subgridspec(2, max(n, 1), hspace=0.45, wspace=0.12)
+    ax = fig.add_subplot(top[0, 0])
     if train_curve:
         steps, values = zip(*train_curve)
         ax.plot(steps, values, color="C0", alpha=0.5, lw=1, label="learned reward (train batches)")
@@ -56,7 +57,7 @@ def write_figure(
     ax.legend(loc="upper left", fontsize=7)
     ax.set_title("Alignment with the learned latent reward")
     ax.grid(alpha=0.3)
-    axa = fig.add_subplot(grid[0, half:])
+    axa = fig.add_subplot(top[0, 1])
     levels = [k for k in accuracy if k != "ensemble"]
     axa.plot([float(k) for k in levels], [100 * accuracy[k] for k in levels], "o-", color="C2", label="single u")
     if "ensemble" in accuracy:
@@ -68,11 +69,11 @@ def write_figure(
     axa.set_title("Reward model accuracy")
     axa.legend(fontsize=7)
     axa.grid(alpha=0.3)
-    for row, key in enumerate(("before", "after"), start=1):
+    for row, key in enumerate(("before", "after")):
         shown = display_images(before_after["images"][key][:n], optics)
         golden = before_after["golden"][key]
         for j, prompt in enumerate(prompts):
-            cell = fig.add_subplot(grid[row, j])
+            cell = fig.add_subplot(cells[row, j])
             cell.imshow(shown[j].permute(1, 2, 0).numpy(), interpolation="nearest")
             colour = COLOURS[colour_word(prompt)]
             for side in cell.spines.values():

@@ -137,7 +137,7 @@ def write_shard(path: str | os.PathLike, records: Sequence[PairRecord], row_grou
     table = pa.Table.from_pydict(cols, schema=_schema())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp_{path.name}")
+    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
     pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
     os.replace(tmp, path)
     return path
@@ -271,12 +271,14 @@ def build_index(source: str | os.PathLike | Sequence[str | os.PathLike], cache: 
     )
     if cache and root is not None:
         _write_index_csv(root / INDEX_FILE, index)
-        (root / INDEX_META).write_text(json.dumps({"format": FORMAT, "shards": signature}, indent=1))
+        meta_tmp = root / f".tmp_{os.getpid()}_{INDEX_META}"
+        meta_tmp.write_text(json.dumps({"format": FORMAT, "shards": signature}, indent=1))
+        os.replace(meta_tmp, root / INDEX_META)
     return index
 
 
 def _write_index_csv(path: Path, index: PairIndex) -> None:
-    tmp = path.with_name(f".tmp_{path.name}")
+    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")  # several processes may build it at once
     with tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["global_id", "shard", "row", "height", "width", "votes_chosen", "votes_rejected"])
