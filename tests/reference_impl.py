@@ -1,4 +1,4 @@
-"""An independent, functional re-statement of the DiNa-LRM forward pass (spec sections 1.2-1.4, 2).
+"""An independent, functional re-statement of the DiNa-LRM forward pass (backbone taps, head, output).
 
 Used by the parity tests: it computes the reward from a raw head state dict (the released key
 names) and a PEFT-wrapped backbone container, without any code from ``dinalrm_align``'s model.
@@ -9,6 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+#: LoRA targets of the upstream reward model (PEFT suffix match): the joint-attention image and context
+#: projections; in SD3.5's dual-attention blocks the suffixes also hit the image-only ``attn2`` projections.
+UPSTREAM_LORA_TARGETS: tuple[str, ...] = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+)
 
 
 class PlainBackbone(nn.Module):

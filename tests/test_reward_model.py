@@ -8,12 +8,18 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from reference_impl import PlainBackbone, backbone_features, head_readout, head_tokens, sd35_sigma_table
+from reference_impl import (
+    UPSTREAM_LORA_TARGETS,
+    PlainBackbone,
+    backbone_features,
+    head_readout,
+    head_tokens,
+    sd35_sigma_table,
+)
 
 from dinalrm_align import LatentRewardModel, encode_prompts
-from dinalrm_align.reward_model.backbone import LORA_TARGET_MODULES
 from dinalrm_align.reward_model.noise import nearest_sigma, sigma_table
-from dinalrm_align.testing import tiny_reward_model, tiny_reward_model_config, tiny_sd3_pipeline
+from dinalrm_align.tiny import tiny_reward_model, tiny_reward_model_config, tiny_sd3_pipeline
 
 HEADS = 4  # tiny head: width 32, 4 heads
 
@@ -30,7 +36,7 @@ def _write_released_layout(root, transformer, seed=0, num_layers=4, vis=(2, 4), 
     peft_model = get_peft_model(
         plain,
         LoraConfig(
-            r=r, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(LORA_TARGET_MODULES)
+            r=r, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(UPSTREAM_LORA_TARGETS)
         ),
     )
     with torch.no_grad():
@@ -271,7 +277,10 @@ def test_ensemble_batched_pass_equals_per_level_computation(tiny_rm, tiny_text):
         for u in us:
             sigma, t = tiny_rm.sigma_for(torch.full((4,), u))
             noisy = (1 - sigma[:, None, None, None]) * lat + sigma[:, None, None, None] * noise
-            temb, vf, tf = tiny_rm.backbone(noisy, pe, pooled, t)
+            # the reference forward over the reward model's own (LoRA-carrying) modules
+            temb, vf, tf = backbone_features(
+                PlainBackbone(tiny_rm.backbone, 4), noisy, pe, pooled, t, [2, 4], [2, 4]
+            )
             v, tt = head_tokens(head_sd, vf, tf, temb)
             vs.append(v)
             ts.append(tt)
@@ -423,9 +432,9 @@ def test_head_key_mismatch_lists_keys(tmp_path, tiny_pipe):
     "latents, match",
     [
         (torch.randn(2, 16, 32), "4-D"),
-        (torch.randn(2, 4, 32, 32), "16 channels"),
-        (torch.randn(2, 16, 31, 32), "divisible by the patch size"),
-        (torch.randn(2, 16, 80, 80), "position-embedding grid"),
+        (torch.randn(2, 4, 32, 32), "must have 16 channels"),
+        (torch.randn(2, 16, 31, 32), "multiples of 2 for the sd3 backbone, got 31x32"),
+        (torch.randn(2, 16, 80, 80), "position grid: at most 64x64"),
         (torch.full((2, 16, 32, 32), float("nan")), "NaN or Inf"),
         (torch.zeros(2, 16, 32, 32, dtype=torch.long), "floating-point"),
         ("not a tensor", "torch.Tensor"),
@@ -445,9 +454,9 @@ def test_bad_conditions_u_and_noise_raise_value_error(tiny_rm, tiny_text):
         tiny_rm.score(lat[:3], **kw)
     with pytest.raises(ValueError, match="batch sizes disagree"):
         tiny_rm.score(lat, prompt_embeds=pe, pooled_prompt_embeds=pooled[:2])
-    with pytest.raises(ValueError, match="joint_attention_dim"):
+    with pytest.raises(ValueError, match=r"prompt_embeds width 16 .*expects 32"):
         tiny_rm.score(lat, prompt_embeds=pe[..., :16], pooled_prompt_embeds=pooled)
-    with pytest.raises(ValueError, match="pooled_projection_dim"):
+    with pytest.raises(ValueError, match=r"pooled_prompt_embeds width 10 .*expects 64"):
         tiny_rm.score(lat, prompt_embeds=pe, pooled_prompt_embeds=pooled[:, :10])
     for u in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -473,7 +482,7 @@ def test_base_transformer_is_loaded_from_config_when_omitted(tmp_path, tiny_pipe
     torch.testing.assert_close(rm.score(lat, **kw), loaded.score(lat, **kw), atol=1e-6, rtol=1e-6)
     rm.config.backbone_model_id = str(tmp_path / "nowhere")
     rm.save_pretrained(tmp_path / "rm2")
-    with pytest.raises(FileNotFoundError, match="base transformer"):
+    with pytest.raises(FileNotFoundError, match=r"could not load the SD3Transformer2DModel of .*nowhere"):
         LatentRewardModel.from_pretrained(tmp_path / "rm2")
 
 
@@ -496,7 +505,7 @@ def test_merging_the_reward_lora_keeps_scores(tiny_pipe, tiny_text):
 def test_reward_model_builds_and_scores_on_the_meta_device():
     from diffusers import SD3Transformer2DModel
 
-    from dinalrm_align.testing import TINY_TRANSFORMER_KWARGS
+    from dinalrm_align.tiny import TINY_TRANSFORMER_KWARGS
 
     with torch.device("meta"):
         transformer = SD3Transformer2DModel(**TINY_TRANSFORMER_KWARGS)

@@ -1,4 +1,4 @@
-"""Tests for dinalrm_align.sampling: schedule, pure steps, rollouts on the tiny SD3 pipeline."""
+"""Tests for dinalrm_align.sampling: schedule, pure steps, the Denoiser, rollouts on the tiny SD3 pipeline."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import random
 import pytest
 import torch
 
+from dinalrm_align.backbones.conditioning import TextConditioning
+from dinalrm_align.backbones.registry import get_adapter
 from dinalrm_align.sampling.rollout import (
+    Denoiser,
     Trajectory,
     choose_sde_window,
     ode_rollout,
-    predict_velocity,
     sde_rollout,
     step_log_prob,
 )
@@ -32,9 +34,19 @@ SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_
 # ----------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny models are faster on one thread (and the CPUs are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    from dinalrm_align.testing import tiny_sd3_pipeline
+    """``(pipe, cond (batch 2), negative (batch 1), noise (2, 16, 32, 32), raw tensors)`` of the tiny SD3 pipeline."""
+    from dinalrm_align.tiny import tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline(seed=0)
     with torch.no_grad():
@@ -43,7 +55,12 @@ def tiny():
         neg, _, neg_pooled, _ = pipe.encode_prompt([""], None, None, max_sequence_length=16,
                                                    do_classifier_free_guidance=False)
     noise = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(0))
-    return pipe, pe, pooled, neg, neg_pooled, noise
+    return pipe, TextConditioning(pe, pooled), TextConditioning(neg, neg_pooled), noise, (pe, pooled, neg, neg_pooled)
+
+
+def policy(pipe, guidance: float = 1.0, negative: TextConditioning | None = None, **kwargs) -> Denoiser:
+    return Denoiser(get_adapter("sd3"), pipe.transformer, guidance_scale=guidance,
+                    negative=negative if guidance > 1 else None, **kwargs)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -212,7 +229,23 @@ def test_log_prob_gradient_flows_through_mean_only() -> None:
     torch.testing.assert_close(lp, torch.tensor([-0.5 * math.log(2 * math.pi)]))
 
 
-# ----------------------------------------------------------------------------- transformer calls
+@pytest.mark.parametrize(("s", "sn"), [(0.6, 0.5), (0.3, 0.0), (1.0, 0.9)])
+def test_kl_std_is_flow_grpo_noise_scale(s: float, sn: float) -> None:
+    """``StepOutput.kl_std``: sde -> ``noise_level * sqrt(sigma / (1 - sigma))`` (no ``sqrt(-dt)``), cps -> ``std``."""
+    g = torch.Generator().manual_seed(4)
+    x, v = torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g)
+    out = sde_step_with_logprob(x, v, s, sn, noise_level=0.7, generator=g)
+    denom = sn if s >= 1 else s  # the first SD3 step (sigma = 1) uses the next sigma in 1 - sigma
+    std_t = 0.7 * math.sqrt(s / (1 - denom))
+    torch.testing.assert_close(out.kl_std, torch.full((2,), std_t), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.std, out.kl_std * math.sqrt(s - sn), rtol=1e-6, atol=0)
+    if sn > 0:
+        cps = cps_step_with_logprob(x, v, s, sn, noise_level=0.8, generator=g)
+        torch.testing.assert_close(cps.kl_std, cps.std)
+        torch.testing.assert_close(cps.std, torch.full((2,), sn * math.sin(0.8 * math.pi / 2)))
+
+
+# ----------------------------------------------------------------------------- the denoiser
 
 
 class FakeTransformer(torch.nn.Module):
@@ -230,39 +263,48 @@ class FakeTransformer(torch.nn.Module):
         return (self.w * hidden_states + c[:, None, None, None],)
 
 
-def test_predict_velocity_cfg_and_detach() -> None:
+def test_denoiser_cfg_and_detach_uncond() -> None:
+    adapter = get_adapter("sd3")
     tr = FakeTransformer()
     x = torch.randn(3, 2, 4, 4)
-    pe, pooled = torch.ones(3, 5, 4), torch.ones(3, 6)
-    neg, neg_pooled = torch.zeros(1, 5, 4), torch.zeros(1, 6)
-    v1 = predict_velocity(tr, x, 0.25, pe, pooled)
-    torch.testing.assert_close(tr.calls[-1], torch.full((3,), 250.0))
+    cond = TextConditioning(torch.ones(3, 5, 4), torch.ones(3, 6))
+    neg = TextConditioning(torch.zeros(1, 5, 4), torch.zeros(1, 6))
+    v1 = Denoiser(adapter, tr)(x, 0.25, cond)
+    torch.testing.assert_close(tr.calls[-1], torch.full((3,), 250.0))  # SD3 time: timestep = 1000 sigma
     torch.testing.assert_close(v1, 0.5 * x + 2.25)
     # CFG: v_u = 0.5x + 0.25, v_c = 0.5x + 2.25 -> v_u + 4 (v_c - v_u) = 0.5x + 8.25; one batched call
     n_calls = len(tr.calls)
-    v = predict_velocity(tr, x, 0.25, pe, pooled, guidance_scale=4.0,
-                         negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+    detached = Denoiser(adapter, tr, guidance_scale=4.0, negative=neg, detach_uncond=True)
+    v = detached(x, 0.25, cond)
     assert len(tr.calls) == n_calls + 1 and tr.calls[-1].shape == (6,)
     torch.testing.assert_close(v, 0.5 * x + 8.25)
-    # detached uncond: d sum(v)/dw = g * sum(x); not detached: sum(x)
+    # detached uncond: d sum(v)/dw = g * sum(x); not detached (the default): (1 - g + g) * sum(x) = sum(x)
     v.sum().backward()
     torch.testing.assert_close(tr.w.grad, 4.0 * x.sum())
     tr.w.grad = None
-    predict_velocity(tr, x, 0.25, pe, pooled, guidance_scale=4.0, negative_prompt_embeds=neg.expand(3, -1, -1),
-                     negative_pooled_prompt_embeds=neg_pooled.expand(3, -1), detach_uncond=False).sum().backward()
+    both = Denoiser(adapter, tr, guidance_scale=4.0, negative=TextConditioning(neg.embeds.expand(3, -1, -1),
+                                                                               neg.pooled.expand(3, -1)))
+    assert not both.detach_uncond
+    both(x, 0.25, cond).sum().backward()
     torch.testing.assert_close(tr.w.grad, x.sum(), rtol=1e-4, atol=1e-4)
-    # timesteps pass through; per-sample sigmas
-    predict_velocity(tr, x, torch.tensor([900.0, 500.0, 3.0]), pe, pooled)
+    # per-sample sigmas; the same settings on another transformer
+    Denoiser(adapter, tr)(x, torch.tensor([0.9, 0.5, 0.003]), cond)
     torch.testing.assert_close(tr.calls[-1], torch.tensor([900.0, 500.0, 3.0]))
-    predict_velocity(tr, x, torch.tensor([0.9, 0.5, 0.003]), pe, pooled)
-    torch.testing.assert_close(tr.calls[-1], torch.tensor([900.0, 500.0, 3.0]))
-    with pytest.raises(ValueError, match="negative_prompt_embeds"):
-        predict_velocity(tr, x, 0.5, pe, pooled, guidance_scale=4.0)
+    other = FakeTransformer()
+    swapped = detached.with_transformer(other)
+    assert swapped.transformer is other and swapped.guidance_scale == 4.0 and swapped.detach_uncond
+    with pytest.raises(ValueError, match="negative"):
+        Denoiser(adapter, tr, guidance_scale=4.0)
     with pytest.raises(ValueError, match="batch 2"):
-        predict_velocity(tr, x, 0.5, pe[:2], pooled)
-    with pytest.raises(ValueError, match="do not match"):
-        predict_velocity(tr, x, 0.5, pe, pooled, guidance_scale=2.0,
-                         negative_prompt_embeds=torch.zeros(1, 7, 4), negative_pooled_prompt_embeds=neg_pooled)
+        Denoiser(adapter, tr)(x, 0.5, cond[:2])
+    with pytest.raises(ValueError, match=r"\(B, C, h, w\)"):
+        Denoiser(adapter, tr)(x[0], 0.5, cond)
+    with pytest.raises(ValueError, match="sigma"):
+        Denoiser(adapter, tr)(x, torch.tensor([0.5, 0.4]), cond)
+    for bad in (TextConditioning(torch.zeros(1, 7, 4), torch.zeros(1, 6)),  # other length (SD3: fixed length)
+                TextConditioning(torch.zeros(1, 5, 8), torch.zeros(1, 6))):  # other width
+        with pytest.raises(ValueError, match="does not match the prompt conditioning"):
+            Denoiser(adapter, tr, guidance_scale=2.0, negative=bad)(x, 0.5, cond)
 
 
 def test_choose_sde_window() -> None:
@@ -283,66 +325,73 @@ def test_choose_sde_window() -> None:
 
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
 def test_ode_rollout_matches_pipeline(tiny, guidance: float) -> None:
-    pipe, pe, pooled, neg, neg_pooled, noise = tiny
-    sigmas, _ = inference_schedule(pipe.scheduler.config, 4)
+    pipe, cond, neg, noise, (pe, pooled, neg_pe, neg_pooled) = tiny
+    sigmas, _ = get_adapter("sd3").inference_schedule(pipe.scheduler.config, 4, (32, 32))
+    den = policy(pipe, guidance, neg)
     with torch.no_grad():
-        ref = pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg.expand(2, -1, -1),
+        ref = pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg_pe.expand(2, -1, -1),
                    negative_pooled_prompt_embeds=neg_pooled.expand(2, -1), latents=noise.clone(),
                    num_inference_steps=4, guidance_scale=guidance, output_type="latent").images
-        ours = ode_rollout(pipe.transformer, noise, sigmas, pe, pooled, guidance_scale=guidance,
-                           negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+        ours = ode_rollout(den, noise, sigmas, cond)
         # bit-exact in practice; [0, 2) followed by [2, 4) gives the same result
-        mid = ode_rollout(pipe.transformer, noise, sigmas, pe, pooled, guidance_scale=guidance,
-                          negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled, stop=2)
-        end = ode_rollout(pipe.transformer, mid, sigmas, pe, pooled, guidance_scale=guidance,
-                          negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled, start=2)
+        mid = ode_rollout(den, noise, sigmas, cond, stop=2)
+        end = ode_rollout(den, mid, sigmas, cond, start=2)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
     torch.testing.assert_close(end, ours, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="start"):
-        ode_rollout(pipe.transformer, noise, sigmas, pe, pooled, start=3, stop=2)
+        ode_rollout(den, noise, sigmas, cond, start=3, stop=2)
+    with pytest.raises(ValueError, match="sigmas"):
+        ode_rollout(den, noise, sigmas[:1], cond)
 
 
 def test_sde_rollout_window_and_ode_limit(tiny) -> None:
-    pipe, pe, pooled, _, _, noise = tiny
-    sigmas, timesteps = inference_schedule(pipe.scheduler.config, 4)
+    pipe, cond, _, noise, _ = tiny
+    sigmas, _ = inference_schedule(pipe.scheduler.config, 4)
+    den = policy(pipe)
     with torch.no_grad():
-        ode = ode_rollout(pipe.transformer, noise, sigmas, pe, pooled)
-        traj0 = sde_rollout(pipe.transformer, noise, sigmas, pe, pooled, noise_level=0.0)
-        traj = sde_rollout(pipe.transformer, noise, sigmas, pe, pooled, sde_type="sde", noise_level=0.7,
+        ode = ode_rollout(den, noise, sigmas, cond)
+        traj0 = sde_rollout(den, noise, sigmas, cond, noise_level=0.0)
+        traj = sde_rollout(den, noise, sigmas, cond, sde_type="sde", noise_level=0.7,
                            sde_window=(1, 3), generator=torch.Generator().manual_seed(5))
-        again = sde_rollout(pipe.transformer, noise, sigmas, pe, pooled, sde_type="sde", noise_level=0.7,
+        again = sde_rollout(den, noise, sigmas, cond, sde_type="sde", noise_level=0.7,
                             sde_window=(1, 3), generator=torch.Generator().manual_seed(5))
     assert isinstance(traj, Trajectory)
     assert torch.equal(traj0.final_latents, ode) and not traj0.sde_mask.any()
     assert torch.equal(traj0.log_probs, torch.zeros(2, 4))
     assert traj.latents.shape == (2, 5, 16, 32, 32) and traj.log_probs.shape == (2, 4)
     assert traj.sde_mask.tolist() == [False, True, True, False] and traj.train_steps() == [1, 2]
-    assert torch.equal(traj.timesteps, timesteps) and torch.equal(traj.sigmas, sigmas)
+    assert torch.equal(traj.sigmas, sigmas) and traj.noise_level == 0.7 and traj.sde_type == "sde"
     with torch.no_grad():
-        first_ode_step = ode_rollout(pipe.transformer, noise, sigmas, pe, pooled, stop=1)
+        first_ode_step = ode_rollout(den, noise, sigmas, cond, stop=1)
     assert torch.equal(traj.latents[:, 0], noise) and torch.equal(traj.latents[:, 1], first_ode_step)
     assert (traj.log_probs[:, [0, 3]] == 0).all() and (traj.log_probs[:, 1:3] != 0).all()
     assert torch.equal(traj.latents, again.latents)  # reproducible with a seeded generator
     assert not torch.allclose(traj.final_latents, ode)
     # cps: final step (sigma_next = 0) is deterministic and therefore not in the mask
     with torch.no_grad():
-        cps = sde_rollout(pipe.transformer, noise, sigmas, pe, pooled, sde_type="cps")
+        cps = sde_rollout(den, noise, sigmas, cond, sde_type="cps")
     assert cps.sde_mask.tolist() == [True, True, True, False] and cps.noise_level == 0.8
+    with pytest.raises(ValueError, match="sde_type"):
+        sde_rollout(den, noise, sigmas, cond, sde_type="ddim")
+    with pytest.raises(ValueError, match="sde_window"):
+        sde_rollout(den, noise, sigmas, cond, sde_window=(2, 6))
 
 
 @pytest.mark.parametrize(("sde_type", "guidance"), [("sde", 1.0), ("cps", 4.5)])
 def test_ratio_is_one_on_tiny_pipeline(tiny, sde_type: str, guidance: float) -> None:
-    pipe, pe, pooled, neg, neg_pooled, noise = tiny
+    pipe, cond, neg, noise, _ = tiny
     sigmas, _ = inference_schedule(pipe.scheduler.config, 4)
-    cfg = dict(guidance_scale=guidance, negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+    den = policy(pipe, guidance, neg)
     with torch.no_grad():
-        traj = sde_rollout(pipe.transformer, noise, sigmas, pe, pooled, sde_type=sde_type, sde_window=(0, 3),
-                           generator=torch.Generator().manual_seed(7), **cfg)
+        traj = sde_rollout(den, noise, sigmas, cond, sde_type=sde_type, sde_window=(0, 3),
+                           generator=torch.Generator().manual_seed(7))
     assert traj.train_steps() == [0, 1, 2]
     for i in traj.train_steps():
         x_t, x_next = traj.transition(i)
-        out = step_log_prob(pipe.transformer, x_t, x_next, sigmas[i], sigmas[i + 1], pe, pooled,
-                            sde_type=traj.sde_type, noise_level=traj.noise_level, **cfg)
+        out = step_log_prob(den, x_t, x_next, sigmas[i], sigmas[i + 1], cond,
+                            sde_type=traj.sde_type, noise_level=traj.noise_level)
         ratio = torch.exp(out.log_prob - traj.log_probs[:, i])
         torch.testing.assert_close(ratio, torch.ones(2), atol=1e-5, rtol=0)
-        assert out.std.shape == (2,) and out.mean.shape == x_t.shape
+        assert out.std.shape == (2,) and out.kl_std.shape == (2,) and out.mean.shape == x_t.shape
+    with pytest.raises(ValueError, match="must match"):
+        step_log_prob(den, x_t, x_next[:, :8], sigmas[0], sigmas[1], cond)

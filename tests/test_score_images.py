@@ -41,12 +41,78 @@ def test_input_forms_agree(tmp_path, tiny_pipe, tiny_rm):
 
 def test_vae_latents_follow_sd3_normalisation(tiny_pipe):
     x = _images(1)
-    (z,) = encode_images(tiny_pipe, x)
+    (z,) = encode_images(tiny_pipe, x, sample_posterior=False)
     with torch.no_grad():
         mean = tiny_pipe.vae.encode(x * 2 - 1).latent_dist.mean
     cfg = tiny_pipe.vae.config
     torch.testing.assert_close(z, ((mean - cfg.shift_factor) * cfg.scaling_factor)[0])
     assert z.shape == (16, 32, 32)
+
+
+def _family(backbone, tiny_pipe, tiny_rm):
+    """(pipe, rm) of a family: the shared SD3 fixtures, or fresh tiny FLUX / Z-Image models."""
+    if backbone == "sd3":
+        return tiny_pipe, tiny_rm
+    from dinalrm_align.tiny import tiny_pipeline, tiny_reward_model
+
+    pipe = tiny_pipeline(backbone, seed=0)
+    return pipe, tiny_reward_model(backbone, pipe, seed=0)
+
+
+@pytest.mark.parametrize("backbone", ["sd3", "flux", "zimage"])
+def test_encode_images_samples_the_posterior_by_default(backbone, tiny_pipe, tiny_rm):
+    """Reward models were trained on posterior samples: the default draws one (seedable), or the mean."""
+    pipe, _ = _family(backbone, tiny_pipe, tiny_rm)
+    x = _images(2, seed=1)
+    cfg = pipe.vae.config
+    expected = (0.0609, 1.5305) if backbone == "sd3" else (0.1159, 0.3611)
+    assert (cfg.shift_factor, cfg.scaling_factor) == expected
+    with torch.no_grad():
+        dist = pipe.vae.encode(x * 2 - 1).latent_dist
+    mean = (dist.mean - cfg.shift_factor) * cfg.scaling_factor
+    std = dist.std * cfg.scaling_factor
+
+    def sample(seed):
+        return torch.stack(encode_images(pipe, x, generator=torch.Generator().manual_seed(seed)))
+
+    a, b, c = sample(0), sample(0), sample(1)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # same generator -> same sample
+    assert not torch.allclose(a, c)  # another generator -> another sample
+    # each is mean + std * eps with eps ~ N(0, 1): the standardised residual has unit scale
+    eps = (a - mean) / std
+    assert 0.8 < float(eps.std()) < 1.2 and abs(float(eps.mean())) < 0.1
+    # sample_posterior=False is exactly the mean, independent of the generator
+    m = encode_images(pipe, x, sample_posterior=False, generator=torch.Generator().manual_seed(0))
+    m = torch.stack(m)
+    torch.testing.assert_close(m, mean, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["sd3", "flux", "zimage"])
+def test_score_images_samples_the_posterior_by_default(backbone, tiny_pipe, tiny_rm):
+    pipe, rm = _family(backbone, tiny_pipe, tiny_rm)
+    x = _images(2, seed=2)
+    prompts = ["a red cube", "a blue ball"]
+    kw = dict(u=0.1, max_sequence_length=16)
+
+    def score(seed, **extra):
+        return rm.score_images(x, prompts, pipe, generator=torch.Generator().manual_seed(seed), **kw, **extra)
+
+    a, b, c = score(0), score(0), score(1)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.allclose(a, c)
+    # the posterior sample is what moves the score: with the same re-noising draws, the mean gives another one
+    mean_a, mean_b = score(0, sample_posterior=False), score(0, sample_posterior=False)
+    torch.testing.assert_close(mean_a, mean_b, atol=0, rtol=0)
+    assert not torch.allclose(mean_a, a)
+    # sample_posterior=False scores exactly the posterior mean latents
+    latents = torch.stack(encode_images(pipe, x, sample_posterior=False))
+    from dinalrm_align.reward_model.text import encode_prompts
+
+    pe, pooled = encode_prompts(pipe, prompts, 16)
+    with torch.no_grad():
+        ref = rm.score(latents, prompt_embeds=pe, pooled_prompt_embeds=pooled, u=0.1,
+                       generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mean_a, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_odd_sizes_are_center_cropped_and_mixed_sizes_scored(tiny_pipe, tiny_rm):
@@ -131,7 +197,7 @@ def test_score_cli_reports_missing_model(tmp_path, saved_tiny, capsys):
             str(img),
         ]
     )
-    assert code == 1
+    assert code == 2
     assert "not found" in capsys.readouterr().err
 
 

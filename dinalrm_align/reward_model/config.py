@@ -4,6 +4,10 @@ A checkpoint's ``config.json`` is the full upstream training config (``model`` /
 ``data`` / ...). Only the ``model`` section (plus ``training.add_noise``) defines the network; the
 other sections are kept verbatim so that a saved model round-trips. The project adds an optional
 ``dinalrm_align`` section holding the score normalisation and calibration.
+
+``model.backbone`` names the model family (``sd3``, ``flux``, ``zimage``); checkpoints without it are
+SD3.5 ones (the released model). :meth:`RewardModelConfig.for_backbone` gives each family's upstream
+defaults (kept blocks, taps, LoRA rank, head width).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+#: Name of the reward LoRA adapter inside the backbone (never ``default``, which policies use).
+ADAPTER_NAME = "rm_lora"
 
 #: Keys the model section must contain (the reference implementation reads them unconditionally).
 REQUIRED_MODEL_KEYS: tuple[str, ...] = (
@@ -62,8 +69,15 @@ class Normalization:
 
 @dataclass
 class RewardModelConfig:
-    """The network definition (``model`` section of the released ``config.json``)."""
+    """The network definition (``model`` section of the released ``config.json``).
 
+    ``use_text_features`` only decides, as in the reference implementation, whether the last kept
+    block's context-side projections get the reward LoRA when no text tap reads them; the tapped
+    text features always feed the head. ``embedded_guidance``: guidance value fed to guidance-distilled
+    backbones (FLUX.1-dev; None: the family's default, 3.5).
+    """
+
+    backbone: str = "sd3"
     num_transformer_layers: int = 12
     visual_head_idx: list[int] = field(default_factory=lambda: [4, 8, 12])
     text_head_idx: list[int] = field(default_factory=lambda: [4, 8, 12])
@@ -76,10 +90,14 @@ class RewardModelConfig:
     use_t_embed: bool = True
     backbone_model_id: str = "stabilityai/stable-diffusion-3.5-medium"
     model_type: str = "thurstone"
+    embedded_guidance: float | None = None
     add_noise: bool = True
     normalization: Normalization = field(default_factory=Normalization)
     #: Fitted logistic parameters ``{"eta3", "eta4"}`` when ``use_logistic`` (project layout only).
     logistic: dict[str, float] | None = None
+    #: Flow-matching scheduler config whose sigma table ``u`` is looked up in (project layout; None: the
+    #: family's default, e.g. SD3.5's 1000 steps with shift 3).
+    scheduler: dict[str, Any] | None = None
     #: Every other key of the full config (training/data/... sections and unknown model keys).
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -104,6 +122,16 @@ class RewardModelConfig:
                 f"{source}: the model section lacks required key(s) {missing}; it has {sorted(model)}"
             )
         out = cls()
+        if "backbone" in model and model["backbone"] is not None:
+            out.backbone = str(model["backbone"])
+        else:  # configs written before backbones were named: infer from the base model id (SD3 by default)
+            base = str(model.get("backbone_model_id") or "").lower()
+            out.backbone = "flux" if "flux" in base else "zimage" if ("z-image" in base or "zimage" in base) else "sd3"
+        if model.get("embedded_guidance") is not None:
+            value = model["embedded_guidance"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{source}: embedded_guidance must be a number, got {value!r}")
+            out.embedded_guidance = float(value)
         out.num_transformer_layers = _as_int(model, "num_transformer_layers", source)
         out.visual_head_idx = _as_int_list(model, "visual_head_idx", source)
         out.text_head_idx = _as_int_list(model, "text_head_idx", source)
@@ -145,10 +173,12 @@ class RewardModelConfig:
             )
         if isinstance(ours, Mapping) and isinstance(ours.get("logistic"), Mapping):
             out.logistic = {k: float(v) for k, v in ours["logistic"].items()}
+        if isinstance(ours, Mapping) and isinstance(ours.get("scheduler"), Mapping):
+            out.scheduler = dict(ours["scheduler"])
         out.extra = (
             {k: v for k, v in full.items() if k not in ("model", "dinalrm_align")} if "model" in full else {}
         )
-        known_model = {f.name for f in fields(cls)} - {"extra", "normalization", "add_noise", "logistic"}
+        known_model = {f.name for f in fields(cls)} - {"extra", "normalization", "add_noise", "logistic", "scheduler"}
         unknown_model = {k: v for k, v in model.items() if k not in known_model}
         if unknown_model:
             out.extra["_model_extra"] = unknown_model
@@ -173,8 +203,28 @@ class RewardModelConfig:
                 raise ValueError(f"{path}: not valid JSON or YAML ({exc})") from exc
         return cls.from_dict(data, source=str(path))
 
+    @classmethod
+    def for_backbone(cls, backbone: str = "sd3", **overrides: Any) -> RewardModelConfig:
+        """The upstream reward-model configuration of ``backbone`` (``overrides`` update the model section)."""
+        from dinalrm_align.backbones.registry import get_adapter
+
+        adapter = get_adapter(backbone)
+        section = {
+            "backbone": adapter.name, "freeze_backbone": False, "use_lora": True, "use_text_features": True,
+            "use_logistic": False, "use_t_embed": True, "model_type": "thurstone",
+            **copy.deepcopy(adapter.reward_defaults),
+        }
+        section.update(overrides)
+        return cls.from_dict({"model": section, "training": {"add_noise": True}}, source=f"{adapter.name} defaults")
+
     def validate(self, source: str = "config") -> None:
-        """Check internal consistency (taps within the used blocks, head divisibility)."""
+        """Check internal consistency (known backbone, taps within the used blocks, head sizes)."""
+        from dinalrm_align.backbones.registry import get_adapter
+
+        try:
+            self.backbone = get_adapter(self.backbone).name
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from exc
         n = self.num_transformer_layers
         if n < 1:
             raise ValueError(f"{source}: num_transformer_layers must be >= 1, got {n}")
@@ -200,6 +250,7 @@ class RewardModelConfig:
     def model_section(self) -> dict[str, Any]:
         """The ``model`` section in the released key layout."""
         section = {
+            "backbone": self.backbone,
             "model_type": self.model_type,
             "backbone_model_id": self.backbone_model_id,
             "num_transformer_layers": self.num_transformer_layers,
@@ -213,6 +264,8 @@ class RewardModelConfig:
             "use_t_embed": self.use_t_embed,
             "reward_head": asdict(self.reward_head),
         }
+        if self.embedded_guidance is not None:
+            section["embedded_guidance"] = self.embedded_guidance
         section.update(copy.deepcopy(self.extra.get("_model_extra", {})))
         return section
 
@@ -226,6 +279,8 @@ class RewardModelConfig:
         out["dinalrm_align"] = {"normalization": asdict(self.normalization)}
         if self.logistic:
             out["dinalrm_align"]["logistic"] = dict(self.logistic)
+        if self.scheduler:
+            out["dinalrm_align"]["scheduler"] = dict(self.scheduler)
         return out
 
 

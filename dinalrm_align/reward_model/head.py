@@ -86,7 +86,13 @@ class QueryCrossAttention(nn.Module):
                 self.gate_text = _token_gate(width)
 
     def _attend(
-        self, q: torch.Tensor, context: torch.Tensor, to_k: nn.Linear, to_v: nn.Linear, gate
+        self,
+        q: torch.Tensor,
+        context: torch.Tensor,
+        to_k: nn.Linear,
+        to_v: nn.Linear,
+        gate,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, nq, d = q.shape
         h = self.num_heads
@@ -95,13 +101,21 @@ class QueryCrossAttention(nn.Module):
         if gate is not None:
             v = v * torch.sigmoid(gate(context))
         split = lambda x: x.unflatten(-1, (h, d // h)).transpose(1, 2)  # noqa: E731  (B, H, N, d/H)
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N): True = attend
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=attn_mask)
         return out.transpose(1, 2).reshape(b, nq, d)
 
     def forward(
-        self, queries: torch.Tensor, visual: torch.Tensor, text: torch.Tensor | None = None
+        self,
+        queries: torch.Tensor,
+        visual: torch.Tensor,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``queries`` (B, Q, D), ``visual`` (B, Nv, D), ``text`` (B, Nt, D) or None -> (B, Q, D)."""
+        """``queries`` (B, Q, D), ``visual`` (B, Nv, D), ``text`` (B, Nt, D) or None -> (B, Q, D).
+
+        ``text_mask`` (B, Nt) bool marks real text tokens (None: all real); padding is never attended to.
+        """
         q = self.to_q(self.norm_q(queries))
         attended = self._attend(
             q, self.norm_v(visual), self.to_k_vis, self.to_v_vis, self.gate_vis if self.gated else None
@@ -113,6 +127,7 @@ class QueryCrossAttention(nn.Module):
                 self.to_k_text,
                 self.to_v_text,
                 self.gate_text if self.gated else None,
+                text_mask,
             )
         return queries + self.to_out(attended)
 
@@ -176,19 +191,28 @@ class RewardHead(nn.Module):
             text = self._fuse(self.layer_adapters_text, self.agg_text, text_taps, temb)
         return visual, text
 
-    def readout(self, visual: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
-        """Queries attend to the fused context tokens: V (B, Nv, D), T (B, Nt, D) -> (B, out_dim)."""
+    def readout(
+        self, visual: torch.Tensor, text: torch.Tensor | None, text_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Queries attend to the fused context tokens: V (B, Nv, D), T (B, Nt, D) -> (B, out_dim).
+
+        ``text_mask`` (B, Nt) bool: real text tokens (None: all real).
+        """
         queries = self.query_tokens.expand(visual.shape[0], -1, -1)
-        queries = self.attn1(queries, visual, text)
+        queries = self.attn1(queries, visual, text, text_mask)
         queries = self.attn2(queries, visual)
         queries = queries + self.ff(self.norm_ff(queries))
         return self.head(queries).mean(dim=1)
 
     def forward(
-        self, visual_taps: list[torch.Tensor], text_taps: list[torch.Tensor], temb: torch.Tensor
+        self,
+        visual_taps: list[torch.Tensor],
+        text_taps: list[torch.Tensor],
+        temb: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Single noise level: -> raw reward (B, out_dim)."""
-        return self.readout(*self.context_tokens(visual_taps, text_taps, temb))
+        """Single noise level: -> raw reward (B, out_dim). ``text_mask`` (B, Nt): real text tokens."""
+        return self.readout(*self.context_tokens(visual_taps, text_taps, temb), text_mask)
 
     def forward_ensemble(
         self,
@@ -196,21 +220,25 @@ class RewardHead(nn.Module):
         text_taps: list[torch.Tensor],
         temb: torch.Tensor,
         num_levels: int,
+        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Multi-noise ensemble from ONE batched backbone pass.
 
-        Inputs are level-major stacks: taps (K*B, N, C), ``temb`` (K*B, E), level k occupying rows
-        ``k*B:(k+1)*B``. Each level's tokens are FiLM-modulated with its own ``temb``; the levels
-        are then concatenated along the token axis (level order) and read out once -> (B, out_dim).
+        Inputs are level-major stacks: taps (K*B, N, C), ``temb`` (K*B, E), ``text_mask`` (K*B, Nt) or None,
+        level k occupying rows ``k*B:(k+1)*B``. Each level's tokens are FiLM-modulated with its own
+        ``temb``; the levels are then concatenated along the token axis (level order) and read out once
+        -> (B, out_dim).
         """
         visual, text = self.context_tokens(visual_taps, text_taps, temb)
 
         def by_level(x: torch.Tensor) -> torch.Tensor:
-            kb, n, d = x.shape
+            kb, n = x.shape[:2]
+            rest = x.shape[2:]
             return (
-                x.reshape(num_levels, kb // num_levels, n, d)
+                x.reshape(num_levels, kb // num_levels, n, *rest)
                 .transpose(0, 1)
-                .reshape(kb // num_levels, num_levels * n, d)
+                .reshape(kb // num_levels, num_levels * n, *rest)
             )
 
-        return self.readout(by_level(visual), by_level(text) if text is not None else None)
+        mask = by_level(text_mask) if (text_mask is not None and text is not None) else None
+        return self.readout(by_level(visual), by_level(text) if text is not None else None, mask)

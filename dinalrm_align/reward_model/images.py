@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from dinalrm_align.reward_model.model import LatentRewardModel
 
 
 def _pil_to_tensor(image: Any) -> torch.Tensor:
@@ -91,13 +88,15 @@ def encode_images(
     pipe: Any,
     images: Any,
     *,
-    sample_posterior: bool = False,
+    sample_posterior: bool = True,
     generator: torch.Generator | None = None,
     differentiable: bool = False,
 ) -> list[torch.Tensor]:
     """VAE-encode images into SD3-normalised latents, one (16, h, w) tensor per image.
 
-    ``(posterior_mean_or_sample - shift_factor) * scaling_factor``; the posterior mean by default.
+    ``(posterior_sample_or_mean - shift) * scale`` with the pipeline family's constants; a posterior
+    *sample* by default (how the reward models were trained; seed it with ``generator``), the mean with
+    ``sample_posterior=False``.
     With ``differentiable=True`` the graph is kept, so gradients flow back to float image tensors
     (AlignProp-style reward back-propagation through pixels); otherwise no graph is built.
     """
@@ -108,32 +107,29 @@ def encode_images(
 def _encode_images(
     pipe: Any, images: Any, sample_posterior: bool, generator: torch.Generator | None
 ) -> list[torch.Tensor]:
+    from dinalrm_align.backbones.registry import adapter_for
+
+    adapter = adapter_for(pipe)
     vae = pipe.vae
     pixels = to_pixel_tensors(images)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    patch = (
-        int(getattr(pipe.transformer.config, "patch_size", 2)) if getattr(pipe, "transformer", None) else 2
-    )
-    shift = vae.config.shift_factor or 0.0
-    scale = vae.config.scaling_factor
+    factor = adapter.vae_scale_factor(pipe)
+    multiple = factor * adapter.latent_multiple(pipe.transformer)
     param = next(vae.parameters())
     latents = []
     for x in pixels:
-        x = _center_crop(x, factor * patch).unsqueeze(0).to(param.device, param.dtype) * 2.0 - 1.0
-        dist = vae.encode(x).latent_dist
-        z = dist.sample(generator) if sample_posterior else dist.mean
-        latents.append(((z - shift) * scale)[0].float())
+        x = _center_crop(x, multiple).unsqueeze(0).to(param.device, param.dtype) * 2.0 - 1.0
+        latents.append(adapter.encode_pixels(vae, x, sample=sample_posterior, generator=generator)[0])
     return latents
 
 
 def score_images(
-    rm: LatentRewardModel,
+    rm: Any,
     images: Any,
     prompts: Sequence[str] | str,
     pipe: Any,
     u: float = 0.1,
     *,
-    sample_posterior: bool = False,
+    sample_posterior: bool = True,
     generator: torch.Generator | None = None,
     max_sequence_length: int = 128,
     n_noise: int = 1,
@@ -144,7 +140,7 @@ def score_images(
     for all images or one per image. Images of different sizes are scored in separate batches.
     ``generator`` seeds both the posterior sample (if any) and the reward's re-noising.
     """
-    from dinalrm_align.reward_model.text import encode_prompts
+    from dinalrm_align.reward_model.text import encode_conditioning
 
     latents = encode_images(pipe, images, sample_posterior=sample_posterior, generator=generator)
     if isinstance(prompts, str):
@@ -152,7 +148,7 @@ def score_images(
     prompts = list(prompts)
     if len(prompts) != len(latents):
         raise ValueError(f"got {len(latents)} images but {len(prompts)} prompts")
-    pe, pooled = encode_prompts(pipe, prompts, max_sequence_length)
+    cond = encode_conditioning(pipe, prompts, max_sequence_length)
     scores = torch.empty(len(latents))
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, z in enumerate(latents):
@@ -161,13 +157,6 @@ def score_images(
     for idx in groups.values():
         batch = torch.stack([latents[i] for i in idx]).to(device)
         with torch.no_grad():
-            raw = rm.score(
-                batch,
-                prompt_embeds=pe[idx].to(device),
-                pooled_prompt_embeds=pooled[idx].to(device),
-                u=u,
-                generator=generator,
-                n_noise=n_noise,
-            )
+            raw = rm.score_conditioning(batch, cond[idx].to(device), u=u, generator=generator, n_noise=n_noise)
         scores[idx] = raw.float().cpu()
     return scores

@@ -1,12 +1,13 @@
-"""``LatentRewardModel``: DiNa-LRM with a seedable, differentiable scoring API.
+"""``LatentRewardModel``: DiNa-LRM on any supported backbone, with a seedable, differentiable API.
 
-Score convention: ``score`` returns the *raw* reward (B,) float32 -- an uncalibrated scale where
-differences of O(1) between images matter and the offset is arbitrary. ``normalize`` maps it to
-the display scale ``(raw + 10) / 10`` (configurable; GRPO is invariant to it, for ReFL the 1/10
-acts as a learning-rate factor).
+Score convention: ``score`` returns the *raw* reward (B,) float32: an uncalibrated scale where differences
+of O(1) between images matter and the offset is arbitrary. ``normalize`` maps it to the display scale
+``(raw + 10) / 10`` (configurable; GRPO is invariant to it, for ReFL the 1/10 acts as a learning-rate factor).
 
-Nothing here wraps itself in ``torch.no_grad``: gradients flow to ``latents`` (ReFL) and to
-trainable parameters (reward-model training). Wrap calls in ``torch.no_grad()`` to only score.
+Inputs are the same for every backbone: *unpacked* normalised latents ``(B, 16, h, w)`` and what the
+family's pipeline ``encode_prompt`` returns (:func:`~dinalrm_align.reward_model.text.encode_prompts`).
+Nothing here wraps itself in ``torch.no_grad``: gradients flow to ``latents`` (ReFL) and to trainable
+parameters (reward-model training). Wrap calls in ``torch.no_grad()`` to only score.
 """
 
 from __future__ import annotations
@@ -18,24 +19,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from dinalrm_align.backbones.conditioning import TextConditioning
+from dinalrm_align.backbones.registry import get_adapter
 from dinalrm_align.reward_model import noise as noise_lib
 from dinalrm_align.reward_model import validation
-from dinalrm_align.reward_model.backbone import LORA_TARGET_MODULES, LatentBackbone, lora_exclusions
-from dinalrm_align.reward_model.config import Normalization, RewardModelConfig
+from dinalrm_align.reward_model.config import ADAPTER_NAME, Normalization, RewardModelConfig
+from dinalrm_align.reward_model.features import Features, StopForward, TapRecorder, truncated_copy
 from dinalrm_align.reward_model.head import RewardHead
+from dinalrm_align.reward_model.scoring import ScoringMixin
 
-#: Name of the reward LoRA adapter inside the backbone (never ``default``, which policies use).
-ADAPTER_NAME = "rm_lora"
+__all__ = ["ADAPTER_NAME", "Features", "LatentRewardModel"]
+
 #: Bounds of the optional generalised-logistic output (fixed, as in the reference design).
 LOGISTIC_HIGH, LOGISTIC_LOW = 2.0, -2.0
 
 
-class LatentRewardModel(nn.Module):
-    """DiNa-LRM: first-N-blocks SD3 backbone (+ reward LoRA) and a query reward head.
+class LatentRewardModel(ScoringMixin, nn.Module):
+    """DiNa-LRM: the first N blocks of a diffusion transformer (+ reward LoRA) and a query reward head.
 
-    Build with :meth:`from_pretrained` (released or saved checkpoints) or :meth:`from_config`
-    (fresh weights). Attribute names (``backbone``, ``reward_head``, ``eta3``, ``eta4``) match the
-    reference implementation's full-model state dict.
+    Build with :meth:`from_pretrained` (released or saved checkpoints) or :meth:`from_config` (fresh
+    weights). ``backbone`` is a truncated copy of the family's diffusers transformer (its module names,
+    e.g. ``transformer_blocks.<i>.attn.to_q``, are the ones the released LoRA keys use).
     """
 
     def __init__(
@@ -49,22 +53,27 @@ class LatentRewardModel(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        self.adapter = get_adapter(config.backbone)
+        if not self.adapter.matches(transformer):
+            raise ValueError(
+                f"the reward model's backbone is {config.backbone!r} ({self.adapter.transformer_class_name}), but the "
+                f"transformer given is a {type(transformer).__name__}: use the matching pipeline's transformer"
+            )
+        available = self.adapter.num_tap_blocks(transformer)
+        if config.num_transformer_layers > available:
+            raise ValueError(
+                f"num_transformer_layers={config.num_transformer_layers} exceeds the transformer's {available} "
+                f"{self.adapter.tap_list}"
+            )
         self.share_base_weights = share_base_weights
-        self.backbone = LatentBackbone(
-            transformer,
-            config.num_transformer_layers,
-            config.visual_head_idx,
-            config.text_head_idx if config.use_text_features else [],
-            share_base_weights=share_base_weights,
-        )
+        self.backbone = truncated_copy(transformer, self.adapter, config.num_transformer_layers, share_base_weights)
         self.backbone.requires_grad_(False)
-        temb_dim = self.backbone.inner_dim
         head = config.reward_head
         self.reward_head = RewardHead(
-            token_dim=self.backbone.inner_dim,
-            temb_dim=temb_dim,
+            token_dim=self.adapter.token_dim(self.backbone),
+            temb_dim=self.adapter.temb_dim(self.backbone),
             n_visual_taps=len(config.visual_head_idx),
-            n_text_taps=len(self.backbone.text_taps),
+            n_text_taps=len(config.text_head_idx),
             width=head.width,
             out_dim=head.out_dim,
             num_queries=head.num_queries,
@@ -81,24 +90,29 @@ class LatentRewardModel(nn.Module):
             from peft import inject_adapter_in_model
 
             inject_adapter_in_model(self.lora_config, self.backbone, adapter_name=ADAPTER_NAME)
-        self._sigmas, self._timesteps = noise_lib.sigma_table(scheduler_config)
-        self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
-        # Inference by default: everything frozen; `set_trainable` opts parts in.
-        self.requires_grad_(False)
+        self._taps = TapRecorder(self.backbone, self.adapter, list(config.visual_head_idx) + list(config.text_head_idx))
+        if scheduler_config is None:  # the one it was saved with, else the family's training scheduler
+            scheduler_config = config.scheduler or self.adapter.scheduler_defaults
+        self.scheduler_config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+        config.scheduler = dict(self.scheduler_config)  # saved with the model: a reload scores the same
+        self._sigmas, self._timesteps = noise_lib.sigma_table(self.scheduler_config)
+        self.requires_grad_(False)  # inference by default: `set_trainable` opts parts in
         self.eval()
 
     # ------------------------------------------------------------------ construction
     @staticmethod
-    def default_lora_config(config: RewardModelConfig):
-        """PEFT ``LoraConfig`` of the reward LoRA: r/alpha from the config, suffix targets, exclusion rule."""
+    def default_lora_config(config: RewardModelConfig) -> Any:
+        """peft ``LoraConfig`` of the reward LoRA: r/alpha from the config, the family's suffix targets and
+        the exclusion rule for the last kept block's unread context projections."""
         from peft import LoraConfig
 
+        adapter = get_adapter(config.backbone)
         return LoraConfig(
             r=config.lora_config.r,
             lora_alpha=config.lora_config.lora_alpha,
             init_lora_weights=config.lora_config.init_lora_weights,
-            target_modules=list(LORA_TARGET_MODULES),
-            exclude_modules=lora_exclusions(
+            target_modules=list(adapter.reward_lora_targets),
+            exclude_modules=adapter.lora_exclusions(
                 config.num_transformer_layers, config.text_head_idx, config.use_text_features
             ),
         )
@@ -113,12 +127,10 @@ class LatentRewardModel(nn.Module):
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
     ) -> LatentRewardModel:
-        """A reward model with freshly initialised head (and LoRA) on ``transformer``'s first blocks."""
+        """A reward model with a freshly initialised head (and LoRA) on ``transformer``'s first blocks."""
         if not isinstance(config, RewardModelConfig):
             config = RewardModelConfig.from_dict(config)
-        model = cls(
-            config, transformer, scheduler_config=scheduler_config, share_base_weights=share_base_weights
-        )
+        model = cls(config, transformer, scheduler_config=scheduler_config, share_base_weights=share_base_weights)
         return model.to_device_dtype(device, torch_dtype)
 
     @classmethod
@@ -136,51 +148,53 @@ class LatentRewardModel(nn.Module):
         """Load a checkpoint in the released layout or the layout of :meth:`save_pretrained`.
 
         Args:
-            model_id_or_path: a Hugging Face repo id (fetched with ``snapshot_download``) or a
-                local folder holding ``config.json`` and ``checkpoint/`` (or a checkpoint folder
-                whose config lies in the parent, as training writes it).
-            transformer: the base SD3 transformer to take the first N blocks from. If omitted,
-                ``config.model.backbone_model_id`` (subfolder ``transformer``) is loaded.
-            torch_dtype, device: where the reward model lives (default: the transformer's).
-            share_base_weights: tie the blocks' base weights to ``transformer`` (saves memory).
-                Unsafe when the transformer's base weights are trained (full fine-tuning) or
-                sharded (DeepSpeed ZeRO-3 / FSDP): the reward would then move or break.
-            scheduler_config: flow-matching scheduler config defining the sigma table (default
-                SD3.5's: 1000 steps, shift 3).
+            model_id_or_path: a Hugging Face repo id (``snapshot_download``), a local folder holding
+                ``config.json`` and ``checkpoint/`` (or a training checkpoint whose config lies in a parent
+                folder), or a tiny built-in id (``tiny``, ``tiny-flux``, ``tiny-zimage``, optionally ``:SEED``).
+            transformer: the base transformer to take the first N blocks from; it must be of the
+                checkpoint's family. If omitted, ``config.model.backbone_model_id`` is loaded.
+            torch_dtype, device: where the reward model lives.
+            share_base_weights: tie the blocks' base weights to ``transformer`` (saves memory). Unsafe when
+                the transformer's base weights are trained (full fine-tuning) or sharded (ZeRO-3 / FSDP).
+            scheduler_config: flow-matching scheduler config defining the sigma table ``u`` is looked up in
+                (default: the one saved with the model, else the family's training scheduler, e.g. SD3.5's
+                1000 steps with shift 3).
             config_path: explicit config file (overrides the one found next to the checkpoint).
         """
         from dinalrm_align.reward_model import checkpoint as ckpt
+        from dinalrm_align.tiny_pipelines import parse_tiny_id
 
+        tiny = parse_tiny_id(str(model_id_or_path))
+        if tiny is not None:
+            from dinalrm_align.reward_model.tiny_build import build_tiny_reward_model
+
+            family, seed = tiny
+            model = build_tiny_reward_model(cls, family, transformer, seed=seed, scheduler_config=scheduler_config,
+                                            share_base_weights=share_base_weights)
+            return model.to_device_dtype(device, torch_dtype)
         folder = ckpt.resolve_model_folder(model_id_or_path, revision=revision)
         config_file = Path(config_path) if config_path is not None else ckpt.find_config(folder)
         config = RewardModelConfig.from_file(config_file)
         weights_dir = ckpt.find_weights_dir(folder)
+        adapter = get_adapter(config.backbone)
         if transformer is None:
-            transformer = ckpt.load_base_transformer(config.backbone_model_id, torch_dtype)
+            transformer = adapter.load_transformer(config.backbone_model_id, torch_dtype)
         if share_base_weights:
             _check_shareable(transformer, torch_dtype, device)
-        lora_config = (
-            ckpt.read_lora_config(weights_dir) if (config.use_lora and not config.freeze_backbone) else None
-        )
-        model = cls(
-            config,
-            transformer,
-            scheduler_config=scheduler_config,
-            share_base_weights=share_base_weights,
-            lora_config=lora_config,
-        )
+        lora_config = ckpt.read_lora_config(weights_dir) if (config.use_lora and not config.freeze_backbone) else None
+        model = cls(config, transformer, scheduler_config=scheduler_config, share_base_weights=share_base_weights,
+                    lora_config=lora_config)
         ckpt.load_weights(model, weights_dir)
         return model.to_device_dtype(device, torch_dtype)
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``config.json`` + ``checkpoint/{backbone_lora/, rm_head.safetensors}`` atomically."""
+    def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write ``config.json`` + ``checkpoint/{backbone_lora/, rm_head.safetensors}`` atomically; only this
+        model's own files in ``folder`` are replaced (see :func:`checkpoint.save_model`)."""
         from dinalrm_align.reward_model import checkpoint as ckpt
 
-        return ckpt.save_model(self, Path(folder))
+        return ckpt.save_model(self, Path(folder), overwrite=overwrite)
 
-    def to_device_dtype(
-        self, device: str | torch.device | None, dtype: torch.dtype | None
-    ) -> LatentRewardModel:
+    def to_device_dtype(self, device: str | torch.device | None, dtype: torch.dtype | None) -> LatentRewardModel:
         """Move/cast, leaving shared base weights untouched (they follow the policy transformer)."""
         if device is None and dtype is None:
             return self
@@ -194,39 +208,38 @@ class LatentRewardModel(nn.Module):
                 getattr(self, name).data = getattr(self, name).data.to(device=device, dtype=dtype)
         return self
 
-    # ------------------------------------------------------------------ parameters
-    @property
-    def lora_merged(self) -> bool:
-        """Whether the reward LoRA has been folded into the backbone's base weights."""
-        return any(getattr(m, "merged", False) for m in self._lora_layers())
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the backbone's block activations in the backward pass (ReFL, reward-model training)."""
+        self.backbone.enable_gradient_checkpointing()
 
+    # ------------------------------------------------------------------ parameters
     def _lora_layers(self) -> list[nn.Module]:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         return [m for m in self.backbone.modules() if isinstance(m, BaseTunerLayer)]
 
-    def merge_reward_lora(self) -> LatentRewardModel:
-        """Fold the reward LoRA into the backbone's own base weights (inference only).
+    @property
+    def lora_merged(self) -> bool:
+        """Whether the reward LoRA has been folded into the backbone's base weights."""
+        return any(getattr(m, "merged", False) for m in self._lora_layers())
 
-        Removes the unmerged LoRA's extra matmuls (~2-3 % of the reward's FLOPs at SD3.5 scale).
-        Not possible with ``share_base_weights=True`` (the base tensors belong to the policy).
-        ``save_pretrained`` still writes the LoRA separately; training the LoRA afterwards is refused.
-        """
+    def merge_reward_lora(self) -> LatentRewardModel:
+        """Fold the reward LoRA into the backbone's own base weights (inference only; removes the unmerged
+        LoRA's extra matmuls). Not possible with ``share_base_weights=True`` (the base tensors are the policy's)."""
         if self.share_base_weights:
-            raise ValueError(
-                "merge_reward_lora() would modify the shared transformer's weights (share_base_weights=True)"
-            )
+            raise ValueError("merge_reward_lora() would modify the shared transformer's weights (share_base_weights=True)")
         for layer in self._lora_layers():
             if not layer.merged:
                 layer.merge(adapter_names=[ADAPTER_NAME])
         return self
 
-    def set_trainable(
-        self, lora: bool = True, head: bool = True, backbone: bool = False
-    ) -> list[nn.Parameter]:
+    def set_trainable(self, lora: bool = True, head: bool = True, backbone: bool = False) -> list[nn.Parameter]:
         """Choose what trains (reward-model training); returns the trainable parameters."""
         if (lora or backbone) and self.lora_config is not None and self.lora_merged:
             raise ValueError("the reward LoRA is merged into the base weights; load the model again to train it")
+        if backbone and self.share_base_weights:
+            raise ValueError("set_trainable(backbone=True) would train the policy's shared base weights "
+                             "(share_base_weights=True)")
         self.requires_grad_(False)
         for name, param in self.backbone.named_parameters():
             if (lora and "lora_" in name) or (backbone and "lora_" not in name):
@@ -253,38 +266,28 @@ class LatentRewardModel(nn.Module):
     def normalization(self) -> Normalization:
         return self.config.normalization
 
-    # ------------------------------------------------------------------ noise
-    def sigma_for(self, u: torch.Tensor | float | Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest table ``(sigma, timestep)`` for target noise level(s) ``u`` -> each (B,) float32."""
-        if not isinstance(u, torch.Tensor):
-            u = torch.tensor(validation.check_noise_levels(u), dtype=torch.float32)
-        return noise_lib.nearest_sigma(u, self._sigmas, self._timesteps)
+    @property
+    def embedded_guidance(self) -> float | None:
+        """Guidance fed to a guidance-distilled backbone (None for the others)."""
+        if not self.adapter.guidance_embedded(self.backbone):
+            return None
+        value = self.config.embedded_guidance
+        return float(value if value is not None else self.adapter.default_embedded_guidance)
 
-    def _draw_noise(
-        self, shape: Sequence[int], like: torch.Tensor, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        if generator is None:
-            return torch.randn(tuple(shape), device=like.device, dtype=like.dtype)
-        return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=like.dtype).to(
-            like.device
-        )
+    # ------------------------------------------------------------------ the forward
+    def conditioning(self, prompt_embeds: Any, pooled_prompt_embeds: Any = None) -> TextConditioning:
+        """The family's text outputs (or a :class:`TextConditioning`) -> a checked conditioning."""
+        cond = prompt_embeds if isinstance(prompt_embeds, TextConditioning) else \
+            self.adapter.conditioning(prompt_embeds, pooled_prompt_embeds)
+        for name, tensor in (("prompt_embeds", cond.embeds), ("pooled_prompt_embeds", cond.pooled)):
+            if tensor is not None:
+                validation.check_finite(tensor, name)
+                validation.check_magnitude(tensor, name)
+        return cond
 
-    # ------------------------------------------------------------------ forward
-    def _check_inputs(self, latents: Any, prompt_embeds: Any, pooled: Any) -> None:
-        bb = self.backbone
-        validation.check_latents(
-            latents,
-            in_channels=bb.in_channels,
-            patch_size=bb.patch_size,
-            pos_embed_max_size=bb.pos_embed_max_size,
-        )
-        validation.check_text_conditions(
-            prompt_embeds,
-            pooled,
-            batch_size=latents.shape[0],
-            joint_attention_dim=bb.joint_attention_dim,
-            pooled_projection_dim=bb.pooled_projection_dim,
-        )
+    def _check(self, latents: Any, cond: TextConditioning) -> None:
+        self.adapter.check_latents(latents, self.backbone)
+        self.adapter.check_conditioning(cond, self.backbone, latents.shape[0])
 
     def _head_output(self, raw: torch.Tensor) -> torch.Tensor:
         if self.config.use_logistic:
@@ -293,146 +296,42 @@ class LatentRewardModel(nn.Module):
         raw = raw.float()
         return raw[:, 0] if raw.shape[-1] == 1 else raw
 
-    def _features(self, noisy: torch.Tensor, timestep: torch.Tensor, pe: torch.Tensor, pooled: torch.Tensor):
-        dtype = self.backbone.context_embedder.weight.dtype
-        return self.backbone(noisy.to(dtype), pe.to(dtype), pooled.to(dtype), timestep.to(noisy.device))
+    def _features(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: TextConditioning) -> Features:
+        """Tapped features of already-noised latents at per-sample noise levels ``sigma`` (B,)."""
+        dtype = next(self.backbone.parameters()).dtype
+        cond = cond.to(device=noisy.device, dtype=dtype)
+        noisy = noisy.to(dtype)
+        kwargs = self.adapter.forward_kwargs(noisy, sigma.to(noisy.device), cond, self.embedded_guidance)
+        with self._taps.recording(self.adapter.tap_meta(noisy, cond)) as record:
+            try:
+                self.backbone(**kwargs, return_dict=False)
+            except StopForward:  # raised after the deepest tap: the rest of the forward is never computed
+                pass
+        return self._taps.features(record, self.config.visual_head_idx, self.config.text_head_idx)
 
-    def forward_noisy(
-        self,
-        noisy_latents: torch.Tensor,
-        sigma: torch.Tensor,
-        *,
-        prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
-    ) -> torch.Tensor:
-        """Raw reward of already-noised latents at noise level(s) ``sigma`` (B,) (timestep 1000*sigma).
+    def _reward(self, feats: Features) -> torch.Tensor:
+        return self._head_output(self.reward_head(feats.image, feats.text, feats.temb, text_mask=feats.text_mask))
 
-        Used by reward-model training, where chosen and rejected share one noise draw.
-        Returns (B,) float32 (or (B, out_dim) if ``out_dim > 1``).
-        """
-        self._check_inputs(noisy_latents, prompt_embeds, pooled_prompt_embeds)
-        sigma = sigma.reshape(-1).to(torch.float32)
-        timestep = sigma * 1000.0
-        temb, vis, txt = self._features(noisy_latents, timestep, prompt_embeds, pooled_prompt_embeds)
-        return self._head_output(self.reward_head(vis, txt, temb))
-
-    def score(
+    def features(
         self,
         latents: torch.Tensor,
+        prompt_embeds: Any,
+        pooled_prompt_embeds: Any = None,
         *,
-        prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
-        u: float = 0.4,
+        sigma: torch.Tensor | float | Sequence[float],
         noise: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        n_noise: int = 1,
-    ) -> torch.Tensor:
-        """Raw reward of clean SD3-normalised latents, re-noised at sigma ~= ``u``.
-
-        Args:
-            latents: (B, 16, H/8, W/8) clean latents, as ``output_type="latent"`` returns them.
-            prompt_embeds: (B, 77 + L, 4096) SD3 prompt embeddings (see :func:`encode_prompts`).
-            pooled_prompt_embeds: (B, 2048).
-            u: target noise level in [0, 1]; 0.4 for generated latents, 0.1 for encoded real images.
-            noise: optional fixed noise, (B, C, H, W) for ``n_noise=1`` or (n_noise, B, C, H, W);
-                makes the call deterministic.
-            generator: seeds the noise when ``noise`` is not given.
-            n_noise: average the reward over this many independent noise draws (one batched pass).
-
-        Returns:
-            (B,) float32 raw reward (differentiable w.r.t. ``latents`` and trainable parameters).
-        """
-        self._check_inputs(latents, prompt_embeds, pooled_prompt_embeds)
-        (u_value,) = validation.check_noise_levels(u)
-        if isinstance(n_noise, bool) or not isinstance(n_noise, int) or n_noise < 1:
-            raise ValueError(f"n_noise must be a positive integer, got {n_noise!r}")
+    ) -> Features:
+        """Tapped features of ``x_sigma = (1 - sigma) x0 + sigma * noise`` at the exact ``sigma`` (B,) (no table
+        lookup), for probing and parity tests. Taps are the config's 1-based block counts."""
+        cond = self.conditioning(prompt_embeds, pooled_prompt_embeds)
+        self._check(latents, cond)
         b = latents.shape[0]
-        draws_shape = (n_noise, *latents.shape)
-        if noise is None:
-            eps = self._draw_noise(draws_shape, latents, generator)
-        else:
-            expected = tuple(latents.shape) if n_noise == 1 and noise.dim() == 4 else draws_shape
-            eps = validation.check_noise(noise, expected).reshape(draws_shape).to(latents.device)
-        sigma, timestep = self.sigma_for(torch.full((n_noise * b,), u_value))
-        x0 = latents.unsqueeze(0).expand(draws_shape).reshape(n_noise * b, *latents.shape[1:])
-        noisy = (
-            noise_lib.add_noise(x0, eps.reshape_as(x0), sigma.to(latents.device))
-            if self.config.add_noise
-            else x0
-        )
-        reps = (n_noise, 1, 1)
-        temb, vis, txt = self._features(
-            noisy, timestep, prompt_embeds.repeat(reps), pooled_prompt_embeds.repeat(n_noise, 1)
-        )
-        raw = self._head_output(self.reward_head(vis, txt, temb))
-        return raw.reshape(n_noise, b, *raw.shape[1:]).mean(dim=0)
-
-    def score_ensemble(
-        self,
-        latents: torch.Tensor,
-        *,
-        prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
-        us: Sequence[float] = (0.2, 0.5, 0.7),
-        noise: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Multi-noise ensemble (DiNa-LRM*): one shared noise, K noise levels, token concatenation.
-
-        The K backbone passes run as ONE batched pass (K*B rows); each level's features are
-        FiLM-modulated with that level's timestep embedding, then all tokens are concatenated and
-        the queries read them once. Cost ~K x a single-level backbone pass. Returns (B,) raw.
-        """
-        self._check_inputs(latents, prompt_embeds, pooled_prompt_embeds)
-        levels = validation.check_noise_levels(list(us), name="us")
-        k, b = len(levels), latents.shape[0]
-        eps = (
-            self._draw_noise(latents.shape, latents, generator)
-            if noise is None
-            else validation.check_noise(noise, latents.shape).to(latents.device)
-        )
-        sigma, timestep = self.sigma_for(torch.tensor(levels, dtype=torch.float32).repeat_interleave(b))
-        x0 = latents.repeat(k, 1, 1, 1)
-        noisy = (
-            noise_lib.add_noise(x0, eps.repeat(k, 1, 1, 1), sigma.to(latents.device))
-            if self.config.add_noise
-            else x0
-        )
-        temb, vis, txt = self._features(
-            noisy, timestep, prompt_embeds.repeat(k, 1, 1), pooled_prompt_embeds.repeat(k, 1)
-        )
-        return self._head_output(self.reward_head.forward_ensemble(vis, txt, temb, num_levels=k))
-
-    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
-        """Display scale ``(raw + offset) / scale`` (default ``(raw + 10) / 10``, ~[0, 2] centred near 1)."""
-        norm = self.config.normalization
-        return (raw + norm.offset) / norm.scale
-
-    def preference_probability(self, raw_a: torch.Tensor, raw_b: torch.Tensor) -> torch.Tensor:
-        """P(a preferred over b) = sigmoid((a - b) / T) with the calibrated temperature (T=1 if none)."""
-        temperature = self.config.normalization.temperature or 1.0
-        return torch.sigmoid((raw_a - raw_b) / temperature)
-
-    def score_images(
-        self, images: Any, prompts: Sequence[str] | str, pipe: Any, u: float = 0.1, **kwargs: Any
-    ) -> torch.Tensor:
-        """Score PIL images, [0, 1] tensors (B, 3, H, W) or file paths; see :func:`images.score_images`."""
-        from dinalrm_align.reward_model.images import score_images
-
-        return score_images(self, images, prompts, pipe, u=u, **kwargs)
-
-    def extra_repr(self) -> str:
-        c = self.config
-        return (
-            f"layers={c.num_transformer_layers}, visual_taps={c.visual_head_idx}, text_taps={c.text_head_idx}, "
-            f"lora={f'r{c.lora_config.r}/a{c.lora_config.lora_alpha}' if self.lora_config else 'none'}, "
-            f"shared_base={self.share_base_weights}"
-        )
+        sig = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(b).to(latents.device)
+        eps = torch.randn_like(latents) if noise is None else validation.check_noise(noise, latents.shape).to(latents.device)
+        return self._features(noise_lib.add_noise(latents, eps, sig), sig, cond)
 
 
-def _check_shareable(
-    transformer: nn.Module, dtype: torch.dtype | None, device: str | torch.device | None
-) -> None:
+def _check_shareable(transformer: nn.Module, dtype: torch.dtype | None, device: str | torch.device | None) -> None:
     """Sharing ties tensors: the transformer must already have the requested dtype and device."""
     param = next(transformer.parameters())
     if dtype is not None and param.dtype != dtype:

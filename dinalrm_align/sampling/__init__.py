@@ -1,7 +1,8 @@
-"""Flow-matching samplers for SD3-style policies.
+"""Flow-matching samplers, backbone-neutral.
 
-``schedule``: SD3 inference sigmas/timesteps (exactly diffusers'); ``steps``: pure Euler / Flow-GRPO SDE /
-CPS steps with float32 log-probs; ``rollout``: velocity with optional CFG, ODE and SDE rollouts.
+``schedule``: inference sigmas exactly as diffusers' scheduler sets them; ``steps``: pure Euler / Flow-GRPO
+SDE / CPS steps with float32 log-probs; ``rollout``: the :class:`Denoiser` (a policy as a velocity field,
+optional CFG) and ODE / SDE rollouts.
 Names are imported lazily so ``import dinalrm_align.sampling`` does not import torch or diffusers.
 """
 
@@ -11,6 +12,8 @@ from dinalrm_align._lazy import lazy_exports
 
 _LAZY = {
     "inference_schedule": "schedule",
+    "scheduler_schedule": "schedule",
+    "resolution_shift": "schedule",
     "step_sigmas": "schedule",
     "DEFAULT_NOISE_LEVEL": "steps",
     "SDE_TYPES": "steps",
@@ -21,10 +24,10 @@ _LAZY = {
     "predict_x0": "steps",
     "sde_step_with_logprob": "steps",
     "step_with_logprob": "steps",
+    "Denoiser": "rollout",
     "Trajectory": "rollout",
     "choose_sde_window": "rollout",
     "ode_rollout": "rollout",
-    "predict_velocity": "rollout",
     "sde_rollout": "rollout",
     "step_log_prob": "rollout",
 }

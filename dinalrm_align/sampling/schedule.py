@@ -1,38 +1,52 @@
-"""SD3 flow-matching inference schedule, exactly as diffusers builds it.
+"""Flow-matching inference schedules, built by diffusers' own scheduler exactly as the pipelines do.
 
-Convention: ``sigmas`` has ``num_steps + 1`` entries, descending from ``sigmas[0]`` (1.0 for SD3) to a
-terminal ``0``; step ``i`` goes from ``sigmas[i]`` to ``sigmas[i + 1]`` and calls the transformer at
-timestep ``timesteps[i] = 1000 * sigmas[i]`` (float32, the same multiplication diffusers does).
+Convention: ``sigmas`` has ``num_steps + 1`` entries, descending to a terminal ``0``; step ``i`` goes
+from ``sigmas[i]`` to ``sigmas[i + 1]``. ``timesteps[i] = num_train_timesteps * sigmas[i]`` (1000 sigma)
+is the scheduler's timestep; how a family feeds time to its transformer is its adapter's business.
+Per-family spacing (explicit sigmas, the resolution shift ``mu``) comes from the backbone adapter:
+:meth:`dinalrm_align.backbones.base.BackboneAdapter.inference_schedule`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["inference_schedule", "step_sigmas"]
+__all__ = ["inference_schedule", "resolution_shift", "scheduler_schedule", "step_sigmas"]
 
 
-def inference_schedule(
+def resolution_shift(scheduler_config: Mapping[str, Any], image_seq_len: int) -> float:
+    """The resolution-dependent shift ``mu`` of FLUX-style schedules: linear in the image token count
+    between ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)`` (defaults
+    256 -> 0.5 and 4096 -> 1.15, as diffusers' pipelines)."""
+    base_len = float(scheduler_config.get("base_image_seq_len", 256))
+    max_len = float(scheduler_config.get("max_image_seq_len", 4096))
+    base_shift = float(scheduler_config.get("base_shift", 0.5))
+    max_shift = float(scheduler_config.get("max_shift", 1.15))
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + (base_shift - slope * base_len)
+
+
+def scheduler_schedule(
     scheduler_config: Mapping[str, Any],
     num_steps: int,
     device: torch.device | str | None = None,
     *,
+    sigmas: Sequence[float] | None = None,
     mu: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sigmas and timesteps of ``FlowMatchEulerDiscreteScheduler.from_config(cfg).set_timesteps(num_steps)``.
+    """``FlowMatchEulerDiscreteScheduler.from_config(cfg).set_timesteps(...)`` -> ``(sigmas, timesteps)``.
 
     Args:
-        scheduler_config: the scheduler config (e.g. ``pipe.scheduler.config``; SD3: ``shift=3``).
+        scheduler_config: e.g. ``pipe.scheduler.config``.
         num_steps: number of sampling steps ``T`` (>= 1).
-        device: where the returned tensors live.
-        mu: only for configs with ``use_dynamic_shifting=True`` (not SD3); passed to ``set_timesteps``.
+        sigmas: explicit (unshifted) sigmas the pipeline passes (FLUX / Z-Image: ``linspace(1, 1/T, T)``).
+        mu: resolution shift for ``use_dynamic_shifting`` configs (ignored by static-shift ones).
 
     Returns:
-        ``(sigmas, timesteps)``: ``sigmas`` float32 ``(T + 1,)`` descending with terminal ``0``;
-        ``timesteps`` float32 ``(T,)`` equal to ``sigmas[:-1] * num_train_timesteps`` (1000).
+        ``sigmas`` float32 ``(T + 1,)`` descending with terminal ``0`` and ``timesteps`` float32 ``(T,)``.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -44,20 +58,37 @@ def inference_schedule(
             f"got {type(scheduler_config).__name__}"
         )
     config = {k: v for k, v in scheduler_config.items() if not str(k).startswith("_")}
-    if config.get("use_dynamic_shifting", False) and mu is None:
-        raise ValueError("scheduler_config has use_dynamic_shifting=True: pass mu (SD3 does not use it)")
     if config.get("invert_sigmas", False):
         raise ValueError("invert_sigmas=True schedules are not supported (sigmas must descend to 0)")
+    if config.get("use_dynamic_shifting", False) and mu is None:
+        raise ValueError("scheduler_config has use_dynamic_shifting=True: pass mu (the resolution shift)")
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-    scheduler.set_timesteps(num_steps, device=device, mu=mu)
-    sigmas = scheduler.sigmas.to(device=device, dtype=torch.float32).clone()
+    kwargs: dict[str, Any] = {"device": device}
+    if mu is not None:
+        kwargs["mu"] = mu
+    if sigmas is not None:
+        scheduler.set_timesteps(sigmas=list(sigmas), **kwargs)
+    else:
+        scheduler.set_timesteps(num_steps, **kwargs)
+    out_sigmas = scheduler.sigmas.to(device=device, dtype=torch.float32).clone()
     timesteps = scheduler.timesteps.to(device=device, dtype=torch.float32).clone()
-    if sigmas.shape != (num_steps + 1,) or timesteps.shape != (num_steps,):
+    if out_sigmas.shape != (num_steps + 1,) or timesteps.shape != (num_steps,):
         raise ValueError(
-            f"unexpected schedule shapes from diffusers: sigmas {tuple(sigmas.shape)}, "
+            f"unexpected schedule shapes from diffusers: sigmas {tuple(out_sigmas.shape)}, "
             f"timesteps {tuple(timesteps.shape)} for num_steps={num_steps}"
         )
-    return sigmas, timesteps
+    return out_sigmas, timesteps
+
+
+def inference_schedule(
+    scheduler_config: Mapping[str, Any],
+    num_steps: int,
+    device: torch.device | str | None = None,
+    *,
+    mu: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scheduler's own spacing (SD3's pipeline): ``set_timesteps(num_steps)`` (+ ``mu`` if dynamic)."""
+    return scheduler_schedule(scheduler_config, num_steps, device=device, mu=mu)
 
 
 def step_sigmas(sigmas: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:

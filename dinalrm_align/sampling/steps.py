@@ -51,12 +51,16 @@ class StepOutput(NamedTuple):
         mean: float32 ``(B, ...)`` mean of the Gaussian transition (carries grad from ``velocity``).
         std: float32 ``(B,)`` per-element std of the transition actually added to ``mean``
             (``std_dev_t * sqrt(-dt)`` for "sde", ``sigma_next * sin(noise_level * pi / 2)`` for "cps").
+        kl_std: float32 ``(B,)`` the noise scale Flow-GRPO's closed-form KL divides by:
+            ``std_dev_t = noise_level * sqrt(sigma / (1 - sigma))`` for "sde" (without the ``sqrt(-dt)``
+            of the step), the step's ``std`` for "cps".
     """
 
     prev_sample: torch.Tensor
     log_prob: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    kl_std: torch.Tensor
 
 
 def _check_pair(latents: torch.Tensor, velocity: torch.Tensor) -> None:
@@ -159,7 +163,7 @@ def _deterministic(latents, velocity, s, sn, prev_sample) -> StepOutput:
     mean = latents.float() + (sn - s) * velocity.float()
     prev = mean.to(_out_dtype(latents, velocity)) if prev_sample is None else prev_sample
     zeros = torch.zeros(batch, dtype=torch.float32, device=latents.device)
-    return StepOutput(prev, zeros, mean, zeros.clone())
+    return StepOutput(prev, zeros, mean, zeros.clone(), zeros.clone())
 
 
 def sde_step_with_logprob(
@@ -210,7 +214,7 @@ def sde_step_with_logprob(
     if prev_sample is None:
         prev_sample = (mean + std * _noise(x, generator, noise)).to(_out_dtype(latents, velocity))
     log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
-    return StepOutput(prev_sample, log_prob, mean, _per_sample(std, batch))
+    return StepOutput(prev_sample, log_prob, mean, _per_sample(std, batch), _per_sample(std_dev_t, batch))
 
 
 def cps_step_with_logprob(
@@ -259,7 +263,8 @@ def cps_step_with_logprob(
     if prev_sample is None:
         prev_sample = (mean + std * _noise(x, generator, noise)).to(_out_dtype(latents, velocity))
     log_prob = -_mean_over_nonbatch((prev_sample.detach().float() - mean) ** 2)
-    return StepOutput(prev_sample, log_prob, mean, _per_sample(std, batch))
+    std_b = _per_sample(std * torch.ones_like(s), batch)
+    return StepOutput(prev_sample, log_prob, mean, std_b, std_b.clone())
 
 
 def step_with_logprob(
