@@ -33,9 +33,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VPY) -m ruff check .
 
-bench: $(STAMP)   ## real-scale FLOPs (meta device) + CPU ratios, < 10 min on 2 cores
+bench: $(STAMP)   ## real-scale FLOPs and peak memory (fake tensors) + CPU ratios
 	$(VPY) -m benchmarks.flops
 	$(VPY) -m benchmarks.cpu
+	$(VPY) -m benchmarks.memory --quick --validate
 
 bench-gpu: $(STAMP)   ## on a CUDA machine: full-size bf16 time/memory into docs/benchmarks.md
 	$(VPY) -m benchmarks.gpu --update-doc docs/benchmarks.md

@@ -12,7 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("dinalrm_align.reward_model.cli_score:main", "score images on disk with a latent reward model"),
-    "train": ("dinalrm_align.trainer.cli:main", "align SD3 with ReFL or GRPO from a YAML recipe"),
+    "train": ("dinalrm_align.trainer.cli:main", "align SD3.5 / FLUX.1 / Z-Image (ReFL, GRPO) or train a reward model from a recipe"),
     "train-rm": (
         "dinalrm_align.rm_training.cli:train_main",
         "train a latent reward model on preference pairs",

@@ -135,8 +135,11 @@ def test_clip_and_grouper() -> None:
 
 
 def test_package_lazy_exports() -> None:
+    from dinalrm_align.algorithms.advantages import GroupAdvantages, compute_advantages
+
     assert algorithms.group_advantages is group_advantages
     assert algorithms.ppo_clip_loss is ppo_clip_loss
+    assert algorithms.compute_advantages is compute_advantages and algorithms.GroupAdvantages is GroupAdvantages
     with pytest.raises(AttributeError):
         algorithms.does_not_exist  # noqa: B018
 

@@ -44,12 +44,13 @@ def test_score_latents_is_seeded_and_averages_noise_draws(tiny_rm, tiny_text):
     x = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     settings = EvalSettings(us=(0.4,), ensemble=(0.2, 0.5), n_noise=3)
     noise = torch.randn(3, 4, 16, 8, 8, generator=torch.Generator().manual_seed(1))
-    avg = score_latents(tiny_rm, x, pe, pooled, "0.4", settings, torch.Generator(), noise)
+    cond = tiny_rm.conditioning(pe, pooled)
+    avg = score_latents(tiny_rm, x, cond, "0.4", settings, torch.Generator(), noise)
     with torch.no_grad():
         each = [tiny_rm.score(x, prompt_embeds=pe, pooled_prompt_embeds=pooled, u=0.4, noise=noise[k]) for k in range(3)]
     torch.testing.assert_close(avg, torch.stack(each).mean(0), atol=1e-5, rtol=1e-5)
     one = EvalSettings(us=(0.4,), ensemble=(0.2, 0.5), n_noise=1)
-    ens = score_latents(tiny_rm, x, pe, pooled, "ensemble", one, torch.Generator(), noise[:1])
+    ens = score_latents(tiny_rm, x, cond, "ensemble", one, torch.Generator(), noise[:1])
     with torch.no_grad():
         ref = tiny_rm.score_ensemble(x, prompt_embeds=pe, pooled_prompt_embeds=pooled, us=(0.2, 0.5), noise=noise[0])
     torch.testing.assert_close(ens, ref, atol=1e-5, rtol=1e-5)
@@ -74,12 +75,12 @@ def _pairs(root, n=24, seed=0, size=8):
 
 
 def test_score_pairs_is_deterministic(tmp_path, tiny_rm, tiny_pipe):
-    from dinalrm_align.reward_model.text import encode_prompts
+    from dinalrm_align.reward_model.text import encode_conditioning
 
     ds = PairDataset.from_source(_pairs(tmp_path))
 
     def encode(prompts):
-        return encode_prompts(tiny_pipe, prompts, 16)
+        return encode_conditioning(tiny_pipe, prompts, 16)
 
     settings = EvalSettings(us=(0.3, 0.7), ensemble=None, seed=5, batch_size=10)
     a = score_pairs(tiny_rm, ds, encode, settings)
@@ -139,7 +140,7 @@ def test_logistic_calibration_lowers_nll_and_soft_targets():
 
 
 def test_calibration_is_stored_with_the_model(tmp_path, tiny_pipe):
-    from dinalrm_align.testing import tiny_reward_model
+    from dinalrm_align.tiny import tiny_reward_model
 
     rm = tiny_reward_model(tiny_pipe.transformer, seed=3)
     c, r, y = _miscalibrated(n=400)

@@ -1,5 +1,6 @@
 """GRPO on the tiny models: the k-repeat sampler, advantages across processes, zero-std filtering, the
-batching arithmetic, ratio 1 and KL 0 through the real training path, reward rise, exact resume."""
+batching arithmetic, ratio 1 and KL 0 through the real training path, the KL forms against a hand
+computation, CFG gradients, device-side metrics, reward rise, exact resume (mid-epoch too)."""
 
 from __future__ import annotations
 
@@ -44,18 +45,7 @@ class LatentNorm:
         return latents.flatten(1).norm(dim=1)
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny models are faster on one thread (and CPUs are shared)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_trainer_state")
 
 
 def make_trainer(tmp: Path, *overrides: str):
@@ -63,7 +53,17 @@ def make_trainer(tmp: Path, *overrides: str):
     from dinalrm_align.trainer.loop import Trainer
 
     cfg = load_train_config(TINY, [f"data.prompts={PROMPTS}", f"run_dir={tmp}", *overrides])
-    return Trainer(cfg)
+    return Trainer(cfg, progress=False)
+
+
+def update(trainer) -> dict[str, float]:
+    """One optimizer update through the trainer; the metrics as they are logged (``train/...``, ``perf/...``)."""
+    from dinalrm_align.trainer.metrics import MetricBuffer
+
+    buffer = MetricBuffer()
+    assert trainer._update(buffer), "the update was skipped"
+    values = buffer.reduce(trainer.accelerator)
+    return {(f"perf/{k}" if k in ("step_time_s", "peak_mem_gb") else f"train/{k}"): v for k, v in values.items()}
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -110,8 +110,7 @@ def test_k_repeat_sampler_groups_span_processes_and_resume():
 def test_advantages_when_a_group_spans_two_processes():
     """Rank 0 holds 3 samples of prompt A and 1 of B, rank 1 holds 1 of A and 3 of B: gathering first
     gives each rank exactly the advantages of the whole groups."""
-    from dinalrm_align.algorithms.advantages import rank_slice
-    from dinalrm_align.algorithms.grpo import compute_advantages
+    from dinalrm_align.algorithms.advantages import compute_advantages, rank_slice
     from dinalrm_align.trainer.grouping import prompt_group_ids
 
     prompts = [["A", "A", "A", "B"], ["A", "B", "B", "B"]]
@@ -139,7 +138,8 @@ def test_advantages_when_a_group_spans_two_processes():
 
 
 def test_zero_std_filtering_components_and_chunks():
-    from dinalrm_align.algorithms.grpo import compute_advantages, make_chunks
+    from dinalrm_align.algorithms.advantages import compute_advantages
+    from dinalrm_align.algorithms.grpo_rollout import make_chunks
 
     ids = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
     dina = torch.tensor([1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 7.0, 7.0, 7.0])
@@ -170,7 +170,8 @@ def test_zero_std_filtering_components_and_chunks():
 
 
 def test_batching_plan_and_config_errors(tmp_path, monkeypatch):
-    from dinalrm_align.algorithms.grpo import GRPO, BatchingPlan
+    from dinalrm_align.algorithms.grpo import GRPO
+    from dinalrm_align.algorithms.grpo_config import BatchingPlan, GRPOConfig, trained_steps_per_sample
     from dinalrm_align.trainer.config import load_train_config
 
     plan = BatchingPlan(processes=8, batch_size=9, group_size=18, batches_per_epoch=16, accumulation=8, trained_steps=3)
@@ -188,21 +189,33 @@ def test_batching_plan_and_config_errors(tmp_path, monkeypatch):
     def validate(*overrides: str) -> GRPO:
         cfg = load_train_config(TINY, [*base, *overrides])
         algo = GRPO(cfg.algorithm)
-        algo.validate(cfg)
+        algo.validate(cfg, 1)
         return algo
 
+    # timestep_fraction defaults to Flow-GRPO's 0.99: int(S x 0.99) of S stochastic steps are trained
+    assert GRPOConfig().timestep_fraction == 0.99
+    assert trained_steps_per_sample(GRPOConfig(sde_type="sde"), 10) == 9
+    assert trained_steps_per_sample(GRPOConfig(sde_type="cps"), 10) == 8  # 9 stochastic: the last cps step is not
+    assert trained_steps_per_sample(GRPOConfig(sde_type="sde", timestep_fraction=1.0), 10) == 10
     assert validate().micro_steps_per_batch == 2
-    assert validate("algorithm.sde_window_size=0").micro_steps_per_batch == 7  # cps: last step deterministic
-    assert validate("algorithm.sde_window_size=0", "algorithm.sde_type=sde", "algorithm.timestep_fraction=0.99").micro_steps_per_batch == 7
+    assert validate("algorithm.sde_window_size=0").micro_steps_per_batch == 6  # cps: 7 stochastic of 8
+    assert validate("algorithm.sde_window_size=0", "algorithm.sde_type=sde").micro_steps_per_batch == 7
+    with pytest.raises(RuntimeError, match="after its preflight"):
+        GRPO(GRPOConfig()).micro_steps_per_batch  # noqa: B018
     recipe = load_train_config(REPO / "recipes" / "grpo_sd35m.yaml", [f"data.prompts={PROMPTS}"])
     spec = GRPO(recipe.algorithm)
-    monkeypatch.setenv("WORLD_SIZE", "8")  # as under `accelerate launch --num_processes 8`
-    spec.validate(recipe)
-    monkeypatch.delenv("WORLD_SIZE")
+    spec.validate(recipe, 8)  # as under `accelerate launch --num_processes 8`
     assert spec.micro_steps_per_batch == 3 and spec.plan is not None
     assert (spec.plan.samples_per_epoch, spec.plan.groups_per_epoch, spec.plan.updates_per_epoch) == (1152, 64, 2)
     with pytest.raises(ValueError, match="not a multiple of algorithm.group_size"):
-        spec.validate(recipe)  # 9 samples on one process cannot hold groups of 18
+        spec.validate(recipe, 1)  # 9 samples on one process cannot hold groups of 18
+    monkeypatch.setenv("WORLD_SIZE", "8")  # the preflight takes the launcher's process count
+    from dinalrm_align.trainer.loop import Trainer
+
+    eight = load_train_config(REPO / "recipes" / "grpo_sd35m.yaml", [f"data.prompts={PROMPTS}", "data.num_eval_prompts=4"])
+    pre = Trainer(eight, progress=False).preflight()
+    assert (pre.world_size, pre.accumulation) == (8, 8)
+    monkeypatch.delenv("WORLD_SIZE")
     for overrides, match in [
         (["algorithm.sde_window_range=[4,8]"], "last cps step"),
         (["algorithm.sde_window_size=5"], "does not fit"),
@@ -223,7 +236,7 @@ def test_batching_plan_and_config_errors(tmp_path, monkeypatch):
 def _check_group_sampler(trainer) -> None:
     from dinalrm_align.trainer.grouping import KRepeatSampler
 
-    assert isinstance(trainer.sampler, KRepeatSampler), type(trainer.sampler)
+    assert isinstance(trainer.data, KRepeatSampler), type(trainer.data)
 
 
 @pytest.mark.parametrize("cfg", [False, True])
@@ -242,14 +255,15 @@ def test_ratio_one_kl_zero_and_logged_metrics(tmp_path, cfg):
     trainer.setup()
     _check_group_sampler(trainer)
     algo = trainer.algorithm
-    m1 = trainer._update()
+    m1 = update(trainer)
     assert abs(m1["train/ratio_min"] - 1) < 1e-5 and abs(m1["train/ratio_max"] - 1) < 1e-5
     assert m1["train/approx_kl"] < 1e-10 and m1["train/clipfrac"] == 0.0
     assert m1["train/kl_loss"] == 0.0
     for key in (
         "reward_dina_lrm_mean", "reward_dina_lrm_std", "reward_brightness_mean", "reward_brightness_std",
         "reward_latent_norm_mean", "reward_latent_norm_std",
-        "reward_raw_mean", "zero_std_ratio", "group_size", "samples_per_s", "policy_loss", "kl_loss",
+        "reward_raw_mean", "reward_weighted_mean", "zero_std_ratio", "group_size", "samples_per_s", "policy_loss",
+        "kl_loss", "kept_fraction", "advantage_abs_mean", "rollout_time_s", "chunk_size", "ratio_min", "ratio_max",
         "approx_kl", "clipfrac", "ratio_mean", "loss",
     ):
         assert f"train/{key}" in m1, key
@@ -258,16 +272,17 @@ def test_ratio_one_kl_zero_and_logged_metrics(tmp_path, cfg):
     assert roll["windows"] and all(0 <= w <= 1 for w in roll["windows"])  # window of 1 step in [0, 2)
     assert sorted(set(roll["group_ids"].tolist())) and roll["components"]["brightness"].shape == (8,)
     for _ in range(2):
-        m = trainer._update()
+        m = update(trainer)
         assert abs(m["train/ratio_mean"] - 1) < 1e-5  # still on-policy: one update per epoch
     assert m["train/kl_loss"] > 0  # the LoRA moved away from zero
     with torch.no_grad():
-        for name, p in trainer.transformer.named_parameters():
+        for name, p in trainer.algorithm.ctx.transformer.named_parameters():
             if "lora_B" in name:
                 p.zero_()
-    assert trainer._update()["train/kl_loss"] == 0.0
+    assert update(trainer)["train/kl_loss"] == 0.0
 
 
+@pytest.mark.slow
 def test_reward_rises_over_a_short_run(tmp_path):
     trainer = make_trainer(
         tmp_path, "sampling.resolution=32", "sampling.num_steps=6", "algorithm.sde_window_range=[0,3]",
@@ -284,9 +299,18 @@ def test_reward_rises_over_a_short_run(tmp_path):
     assert sum(train[-4:]) / 4 > sum(train[:4]) / 4
 
 
+def _rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without timing / memory columns (they differ between runs)."""
+    timing = ("perf/", "train/samples_per_s", "train/rollout_time_s")
+    return [{k: v for k, v in r.items() if not k.startswith(timing)} for r in
+            (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     """4 updates = 2 epochs of 2 updates; resuming the mid-epoch checkpoint (its remaining rollouts are
-    in the algorithm state) and the epoch-boundary checkpoint both reproduce the final weights."""
+    in the algorithm state) and the epoch-boundary checkpoint both reproduce the final weights and the
+    metrics rows bit for bit."""
+    from accelerate.state import AcceleratorState, GradientState
     from safetensors.torch import load_file
 
     common = [
@@ -298,9 +322,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     _check_group_sampler(full)
     full.train()
     expected = load_file(str(tmp_path / "full" / "final" / "pytorch_lora_weights.safetensors"))
+    expected_rows = _rows(tmp_path / "full")
+    assert [r["step"] for r in expected_rows] == [1, 2, 3, 4, 4]  # 4 updates and the final evaluation
     for step in (3, 2):
-        from accelerate.state import AcceleratorState, GradientState
-
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         ckpt = tmp_path / "full" / "checkpoints" / f"step_{step:06d}"
@@ -312,3 +336,104 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert got.keys() == expected.keys()
         for name in expected:
             torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+        assert _rows(tmp_path / f"resumed{step}") == [r for r in expected_rows if r["step"] > step]
+
+
+# ----------------------------------------------------------------------------- fidelity
+
+
+def _kl_setup(tmp_path, *overrides: str):
+    """A GRPO trainer after one rollout epoch, with a random LoRA (policy != reference); returns
+    ``(trainer, chunk)`` where ``chunk`` is the epoch's untrained second chunk (rollout batch 1)."""
+    trainer = make_trainer(
+        tmp_path, *FAST, "algorithm.sde_type=sde", "algorithm.noise_level=0.7", "algorithm.sde_window_range=[1,3]",
+        "algorithm.shuffle_chunks=false", "algorithm.kl_beta=0.5", "train.max_steps=1", *overrides,
+    )
+    trainer.setup()
+    algo = trainer.algorithm
+    algo.train_step(trainer.data.next_batch())  # rolls out the epoch and trains chunk 0
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in algo.ctx.transformer.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    trainer.optimizer.zero_grad(set_to_none=True)
+    (chunk,) = algo.buffer.chunks
+    return trainer, chunk
+
+
+def test_kl_forms_equal_a_hand_computation(tmp_path):
+    """``kl_form: flow_grpo`` is ``mean((mu - mu_ref)^2) / (2 std_t^2)`` with ``std_t = a sqrt(s / (1 - s))``;
+    ``transition`` divides by the step's variance ``std_t^2 (-dt)``: the two differ by the factor ``-dt``."""
+    from dinalrm_align.sampling.rollout import Denoiser
+
+    trainer, chunk = _kl_setup(tmp_path)
+    algo, ctx = trainer.algorithm, trainer.algorithm.ctx
+    assert algo.config.kl_form == "flow_grpo"  # the default
+    buf = algo.buffer
+    idx = chunk.to(buf.latents.device)
+    x_t, sig, cond = buf.latents[idx][:, 0], buf.sigmas[idx], buf.cond[buf.embed_index[idx]]
+    s, s_next = sig[:, 0].double(), sig[:, 1].double()
+    assert bool((s == s[0]).all()) and 0 < float(s[0]) < 1  # one rollout batch: one window, sigma < 1
+    flow = algo._train_chunk(ctx, chunk)["kl_loss"]
+    algo.config.kl_form = "transition"
+    transition = algo._train_chunk(ctx, chunk)["kl_loss"]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    den = Denoiser(ctx.adapter, ctx.transformer)
+    with torch.no_grad():
+        v = den(x_t, s.float(), cond).double()
+        ctx.transformer.disable_adapters()
+        v_ref = den(x_t, s.float(), cond).double()
+        ctx.transformer.enable_adapters()
+    a = 0.7
+    std_t = a * torch.sqrt(s / (1 - s)).view(-1, 1, 1, 1)
+    dt = (s_next - s).view(-1, 1, 1, 1)
+    # the SDE mean is x (1 + std_t^2 dt / (2 s)) + v (1 + std_t^2 (1 - s) / (2 s)) dt: only v differs
+    mu_minus_ref = (v - v_ref) * (1 + std_t**2 * (1 - s.view(-1, 1, 1, 1)) / (2 * s.view(-1, 1, 1, 1))) * dt
+    hand = (mu_minus_ref**2 / (2 * std_t**2)).mean()
+    assert float(hand) > 1e-8  # the random LoRA moves the mean
+    torch.testing.assert_close(flow.double(), hand, rtol=1e-4, atol=0)
+    torch.testing.assert_close(flow.double(), transition.double() * float(-dt[0]), rtol=1e-5, atol=0)
+
+
+def test_detach_uncond_is_respected_in_training(tmp_path):
+    """With CFG in training, ``detach_uncond: false`` (the default) back-propagates through the unconditional
+    branch too: the gradients differ from the detached ones on the same chunk."""
+    trainer, chunk = _kl_setup(tmp_path, "algorithm.cfg=true")
+    algo, ctx = trainer.algorithm, trainer.algorithm.ctx
+    assert algo.config.detach_uncond is False
+
+    def grads() -> dict[str, torch.Tensor]:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        algo._train_chunk(ctx, chunk)
+        return {n: p.grad.clone() for n, p in ctx.transformer.named_parameters() if p.grad is not None}
+
+    both, again = grads(), grads()
+    algo.config.detach_uncond = True
+    detached = grads()
+    assert both and both.keys() == detached.keys()
+    for name in both:
+        torch.testing.assert_close(again[name], both[name])  # deterministic on the stored chunk
+    assert any(not torch.allclose(both[n], detached[n], rtol=1e-3, atol=1e-9) for n in both)
+
+
+def test_train_step_returns_device_tensors(tmp_path, monkeypatch):
+    """The rollout chunk and a training-only chunk return loss / reward metrics as device tensors; the
+    training-only chunk makes no ``.item()`` call."""
+    trainer = make_trainer(tmp_path, *FAST, "algorithm.kl_beta=0.004", "train.max_steps=1")
+    trainer.setup()
+    algo = trainer.algorithm
+    first = algo.train_step(trainer.data.next_batch())  # the epoch's rollouts + chunk 0
+
+    def no_sync(self, *args, **kwargs):
+        raise AssertionError("train_step called Tensor.item() (a host synchronisation)")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    second = algo.train_step(trainer.data.next_batch())  # [] from the sampler: chunk 1 of the same epoch
+    monkeypatch.undo()
+    for metrics in (first, second):
+        for key in ("loss", "policy_loss", "kl_loss", "reward_raw_mean", "reward_dina_lrm_mean", "advantage_abs_mean"):
+            value = metrics[key]
+            assert torch.is_tensor(value) and not isinstance(value, float), (key, type(value))
+            assert value.device == trainer.accelerator.device and not value.requires_grad
+    assert algo.buffer is None  # both chunks trained

@@ -19,7 +19,7 @@ def clip_dir(tmp_path_factory) -> Path:
     """A tiny random CLIPModel + CLIPProcessor (size / crop 32) saved in one folder, built offline."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
-    from dinalrm_align.testing import _clip_tokenizer
+    from dinalrm_align.tiny_tokenizers import _clip_tokenizer
 
     try:  # transformers 5 without torchvision: the PIL backend (the torchvision class may warn and fall back)
         from transformers import CLIPImageProcessorPil as ImageProcessor
@@ -203,24 +203,27 @@ def test_bad_inputs_and_options(clip_dir, scorer):
 
 def test_proxy_reward_config(clip_dir, scorer):
     """ReFL's eval.proxy_rewards entry: loaded once by load_proxy_rewards, called per eval batch."""
-    from dinalrm_align.trainer.config import EvalConfig, load_dataclass
-    from dinalrm_align.trainer.evaluation import load_proxy_rewards
+    from dinalrm_align.trainer.config import load_train_config
+    from dinalrm_align.trainer.evaluation import check_proxy_rewards, load_proxy_rewards
 
-    cfg = load_dataclass(
-        EvalConfig,
+    recipe = load_train_config(
         {
-            "proxy_rewards": [
-                {
-                    "name": "pickscore",
-                    "target": "dinalrm_align.rewards.pickscore:make_pickscore",
-                    "inputs": "images",
-                    "factory": True,
-                    "kwargs": {"model": str(clip_dir), "processor": str(clip_dir), "device": "cpu"},
-                }
-            ]
-        },
-        section="eval",
+            "data": {"prompts": str(REPO / "recipes" / "prompts" / "tiny_prompts.txt")},
+            "eval": {
+                "proxy_rewards": [
+                    {
+                        "name": "pickscore",
+                        "target": "dinalrm_align.rewards.pickscore:make_pickscore",
+                        "inputs": "images",
+                        "factory": True,
+                        "kwargs": {"model": str(clip_dir), "processor": str(clip_dir), "device": "cpu"},
+                    }
+                ]
+            },
+        }
     )
+    cfg = recipe.eval
+    check_proxy_rewards(cfg.proxy_rewards)  # the preflight's cheap import check
     (proxy,) = load_proxy_rewards(cfg.proxy_rewards)
     images = smooth_images(4, 32, 32)
     values = proxy(images, PROMPTS)
@@ -229,9 +232,9 @@ def test_proxy_reward_config(clip_dir, scorer):
 
 
 def test_composition_builtin_type_on_latents(clip_dir, scorer, tiny_pipe):
+    from dinalrm_align.backbones.registry import adapter_for
     from dinalrm_align.rewards import build_composite
     from dinalrm_align.rewards.composition import REWARD_TYPES
-    from dinalrm_align.trainer.evaluation import decode_latents
 
     assert "pickscore" in REWARD_TYPES
     comp = build_composite(
@@ -247,32 +250,19 @@ def test_composition_builtin_type_on_latents(clip_dir, scorer, tiny_pipe):
     )
     latents = torch.randn(3, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     out = comp(latents=latents, prompts=PROMPTS[:3])
-    expected = scorer(decode_latents(tiny_pipe, latents), PROMPTS[:3])
+    expected = scorer(adapter_for(tiny_pipe).decode(tiny_pipe, latents), PROMPTS[:3])
     torch.testing.assert_close(out["pickscore"], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["avg"], 0.2 * expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="needs"):
         comp(latents=latents)
 
 
-@pytest.fixture
-def _isolated_training(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def test_grpo_with_pickscore_extra_reward(tmp_path, clip_dir, _isolated_training):
+def test_grpo_with_pickscore_extra_reward(tmp_path, clip_dir, fresh_trainer_state):
     """The recipe's reward mix on the tiny models: DiNa-LRM advantage + 0.2 x PickScore advantage."""
-    from dinalrm_align.algorithms.grpo import compute_advantages
+    from dinalrm_align.algorithms.advantages import compute_advantages
     from dinalrm_align.trainer.config import load_train_config
     from dinalrm_align.trainer.loop import Trainer
+    from dinalrm_align.trainer.metrics import MetricBuffer
 
     cfg = load_train_config(
         REPO / "recipes" / "tiny_grpo.yaml",
@@ -295,9 +285,11 @@ def test_grpo_with_pickscore_extra_reward(tmp_path, clip_dir, _isolated_training
             "algorithm.advantage_mode=per_component",
         ],
     )
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, progress=False)
     trainer.setup()
-    metrics = trainer._update()
+    buffer = MetricBuffer()
+    assert trainer._update(buffer)
+    metrics = {f"train/{k}": v for k, v in buffer.reduce(trainer.accelerator).items()}
     for key in (
         "reward_pickscore_mean",
         "reward_pickscore_std",

@@ -1,5 +1,6 @@
-"""ReFL on the tiny models: what trains, where the gradient flows, that the reward rises, and that
-the saved LoRA / full transformer reload with diffusers and reproduce the trained outputs."""
+"""ReFL on the tiny models: what trains, where the gradient flows (x0_hat, both CFG branches), the
+regulariser's noise levels, device-side metrics, that the reward rises, and that the saved LoRA / full
+transformer reload with diffusers and reproduce the trained outputs."""
 
 from __future__ import annotations
 
@@ -30,17 +31,7 @@ def latent_norm(latents: torch.Tensor, prompts: list[str], scale: float = 1.0) -
     return (latents.flatten(1).norm(dim=1) * scale).tolist()
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_trainer_state")
 
 
 def make_trainer(tmp: Path, *overrides: str):
@@ -48,15 +39,30 @@ def make_trainer(tmp: Path, *overrides: str):
     from dinalrm_align.trainer.loop import Trainer
 
     cfg = load_train_config(TINY, [f"data.prompts={PROMPTS}", f"run_dir={tmp}", *overrides])
-    return Trainer(cfg)
+    return Trainer(cfg, progress=False)
+
+
+def update(trainer) -> dict[str, float]:
+    """One optimizer update through the trainer; the metrics as they are logged (``train/...``, ``perf/...``)."""
+    from dinalrm_align.trainer.metrics import MetricBuffer
+
+    buffer = MetricBuffer()
+    assert trainer._update(buffer), "the update was skipped"
+    values = buffer.reduce(trainer.accelerator)
+    return {(f"perf/{k}" if k in ("step_time_s", "peak_mem_gb") else f"train/{k}"): v for k, v in values.items()}
+
+
+def lora_grads(transformer) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in transformer.named_parameters() if "lora_" in n and p.grad is not None}
 
 
 def test_one_update_changes_only_the_lora(tmp_path):
     trainer = make_trainer(tmp_path, *FAST, "train.max_steps=1")
     trainer.setup()
-    before = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()}
-    rm_before = {n: p.detach().clone() for n, p in trainer.reward_model.named_parameters()}
-    metrics = trainer._update()
+    ctx = trainer.algorithm.ctx
+    before = {n: p.detach().clone() for n, p in ctx.transformer.named_parameters()}
+    rm_before = {n: p.detach().clone() for n, p in ctx.reward.model.named_parameters()}
+    metrics = update(trainer)
     assert {
         "train/loss",
         "train/reward_raw_mean",
@@ -64,47 +70,80 @@ def test_one_update_changes_only_the_lora(tmp_path):
         "train/reward_norm_mean",
         "train/grad_norm",
         "train/lr",
+        "train/epoch",
+        "train/ema_decay",
         "train/k",
         "train/sigma_k",
-        "perf/samples_per_s",
         "perf/step_time_s",
         "perf/peak_mem_gb",
     } <= set(metrics)
     assert 2 <= metrics["train/k"] <= 3 and 0 < metrics["train/sigma_k"] < 1
-    changed = {n for n, p in trainer.transformer.named_parameters() if not torch.equal(p, before[n])}
+    assert metrics["train/loss"] == pytest.approx(-metrics["train/reward_norm_mean"], rel=1e-5)
+    assert trainer.step == 1 and metrics["train/epoch"] == pytest.approx(2 / 12)  # 2 of 12 training prompts
+    changed = {n for n, p in ctx.transformer.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "the update changed nothing"
     assert all("lora_" in n for n in changed), sorted(changed)[:5]
     assert any("lora_B" in n for n in changed)
-    assert all(torch.equal(p, rm_before[n]) for n, p in trainer.reward_model.named_parameters())
+    assert all(torch.equal(p, rm_before[n]) for n, p in ctx.reward.model.named_parameters())
+
+
+def test_train_step_returns_device_tensors(tmp_path, monkeypatch):
+    """The hot path never moves a value to the host: loss / reward metrics are tensors, no ``.item()``."""
+    trainer = make_trainer(tmp_path, *FAST, "train.max_steps=1")
+    trainer.setup()
+    trainer.algorithm.train_step(trainer.data.next_batch())  # warm-up: builds the cached schedule once
+    trainer.optimizer.zero_grad(set_to_none=True)
+    batch = trainer.data.next_batch()
+
+    def no_sync(self, *args, **kwargs):
+        raise AssertionError("train_step called Tensor.item() (a host synchronisation)")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    metrics = trainer.algorithm.train_step(batch)
+    monkeypatch.undo()
+    for key in ("loss", "reward_raw", "reward_norm", "sigma_k"):
+        value = metrics[key]
+        assert torch.is_tensor(value) and not isinstance(value, float), (key, type(value))
+        assert value.device == trainer.accelerator.device and not value.requires_grad
+    assert metrics["loss"].ndim == 0 and metrics["reward_raw"].shape == (2,)
 
 
 def _policy_and_rm():
-    from dinalrm_align.reward_model.text import encode_prompts
-    from dinalrm_align.testing import tiny_reward_model, tiny_sd3_pipeline
+    from dinalrm_align.backbones.registry import get_adapter
+    from dinalrm_align.reward_model.text import encode_conditioning
+    from dinalrm_align.tiny import tiny_reward_model, tiny_sd3_pipeline
     from dinalrm_align.trainer.config import ModelConfig
     from dinalrm_align.trainer.policy import make_trainable
 
+    adapter = get_adapter("sd3")
     pipe = tiny_sd3_pipeline(seed=0)
     rm = tiny_reward_model(pipe.transformer, seed=0)  # before the policy LoRA: copies the blocks
-    make_trainable(pipe.transformer, ModelConfig(pretrained="tiny"))
-    pe, pooled = encode_prompts(pipe, ["a red cube", "a blue ball"], max_sequence_length=16)
-    return pipe, rm, pe, pooled
+    rm.requires_grad_(False)
+    make_trainable(pipe.transformer, ModelConfig(pretrained="tiny"), adapter)
+    cond = encode_conditioning(pipe, ["a red cube", "a blue ball"], 16)
+    return pipe, adapter, rm, cond
 
 
 @pytest.mark.parametrize("detach", [False, True])
 def test_gradient_reaches_policy_only_through_x0_hat(detach):
     from dinalrm_align.algorithms.refl import refl_reward
-    from dinalrm_align.sampling.rollout import predict_velocity
+    from dinalrm_align.sampling.rollout import Denoiser
 
-    pipe, rm, pe, pooled = _policy_and_rm()
+    pipe, adapter, rm, cond = _policy_and_rm()
     tr = pipe.transformer
     z_k = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor(0.3)
-    v = predict_velocity(tr, z_k, sigma, pe, pooled, timestep_kind="sigma")
+    v = Denoiser(adapter, tr)(z_k, sigma, cond)
     noise = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(1))
-    loss, info = refl_reward(rm, z_k, v, sigma, pe, pooled, u=0.4, noise=noise, detach_x0=detach)
-    assert info["reward_raw"].shape == (2,)
-    torch.testing.assert_close(info["x0_hat"], z_k - 0.3 * v.detach(), rtol=1e-5, atol=1e-5)
+
+    def score(x0: torch.Tensor) -> torch.Tensor:
+        return rm.score_conditioning(x0, cond, u=0.4, noise=noise)
+
+    loss, info = refl_reward(score, z_k, v, sigma, lambda raw: (raw + 10) / 10, detach_x0=detach)
+    assert info["reward_raw"].shape == (2,) and not info["reward_raw"].requires_grad
+    torch.testing.assert_close(info["reward_norm"], (info["reward_raw"] + 10) / 10)
+    torch.testing.assert_close(loss.detach(), -info["reward_norm"].mean())
+    torch.testing.assert_close(info["x0_hat"].detach(), z_k - 0.3 * v.detach(), rtol=1e-5, atol=1e-5)
     if detach:
         assert not loss.requires_grad
         return
@@ -116,6 +155,45 @@ def test_gradient_reaches_policy_only_through_x0_hat(detach):
     assert all(p.grad is None for p in rm.parameters())
 
 
+def test_cfg_train_gradients_flow_through_both_branches(tmp_path):
+    """``cfg_train``: the graded forward runs both CFG branches (one batched call of 2B); with
+    ``detach_uncond: false`` the gradient also flows through the unconditional one, so it differs from the
+    detached gradient computed from the same rollout; without ``cfg_train`` the graded call has batch B."""
+    trainer = make_trainer(tmp_path, *FAST, "train.max_steps=1", "algorithm.cfg_train=true",
+                           "algorithm.detach_uncond=false")
+    trainer.setup()
+    algo, ctx = trainer.algorithm, trainer.algorithm.ctx
+    batches: list[int] = []
+    hook = ctx.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]) if torch.is_grad_enabled() else None,
+        with_kwargs=True,
+    )
+    prompts = trainer.data.next_batch()
+    state = algo.generator.get_state()
+
+    def grads(**settings) -> dict[str, torch.Tensor]:
+        for key, value in settings.items():
+            setattr(algo.config, key, value)
+        algo.generator.set_state(state)  # the same k, start noise and reward noise
+        trainer.optimizer.zero_grad(set_to_none=True)
+        batches.clear()
+        algo.train_step(prompts)
+        return lora_grads(ctx.transformer)
+
+    both = grads(detach_uncond=False)
+    assert batches == [2 * len(prompts)]  # uncond + cond in one graded call
+    detached = grads(detach_uncond=True)
+    again = grads(detach_uncond=False)
+    cond_only = grads(cfg_train=False)
+    assert batches == [len(prompts)]
+    hook.remove()
+    assert both.keys() == detached.keys() == cond_only.keys() and both
+    for name in both:
+        torch.testing.assert_close(again[name], both[name])  # reproducible from the generator state
+    assert any(not torch.allclose(both[n], detached[n], rtol=1e-3, atol=1e-8) for n in both)
+    assert any(not torch.allclose(both[n], cond_only[n], rtol=1e-3, atol=1e-8) for n in both)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A short tiny ReFL run (default 8-step recipe) with proxy rewards; returns the finished trainer."""
@@ -123,6 +201,7 @@ def trained(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("refl_run")
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     trainer = make_trainer(
         tmp,
         "train.max_steps=12",
@@ -138,37 +217,59 @@ def trained(tmp_path_factory):
     return trainer, summary
 
 
+@pytest.mark.slow
 def test_reward_rises_over_a_short_run(trained):
     trainer, summary = trained
     before, after = summary.eval_before["eval/reward_raw"], summary.eval_after["eval/reward_raw"]
     assert after > before + 0.01, (before, after)
     assert "eval/proxy/brightness" in summary.eval_after and "eval/proxy/lnorm" in summary.eval_after
+    assert {"eval/hacking_gap/brightness", "eval/hacking_gap/lnorm"} <= set(summary.eval_after)
     run = Path(summary.run_dir)
     assert (run / "eval" / "step_000000.png").is_file() and (run / "eval" / "step_000012.png").is_file()
     assert (run / "config.yaml").is_file() and (run / "summary.json").is_file()
-    assert "eval reward      before" in summary.format()
+    text = summary.format()
+    assert f"reward_raw       {before:.4f} -> {after:.4f}" in text and "proxy/brightness" in text
+
+
+def test_eval_grid_has_captions(trained):
+    import numpy as np
+    from PIL import Image
+
+    _, summary = trained
+    with Image.open(Path(summary.run_dir) / "eval" / "step_000012.png") as img:
+        grid = np.asarray(img.convert("RGB"))
+    cell = 192  # 64 px eval images upscaled to the 192 px minimum cell; 4 prompts in one row of 4
+    assert grid.shape[1] == 4 * (cell + 4) + 4
+    assert grid.shape[0] > cell + 2 * 4 + 3 * 12  # the image row plus at least three caption lines
+    caption = grid[4 + cell + 2 :, 4 : 4 + cell]
+    assert (caption < 100).any() and (caption == 255).any()  # dark text on white under the image
 
 
 def test_saved_lora_loads_with_diffusers_and_reproduces_outputs(trained):
-    from dinalrm_align.sampling.rollout import predict_velocity
-    from dinalrm_align.testing import tiny_sd3_pipeline
+    from dinalrm_align.backbones.conditioning import TextConditioning
+    from dinalrm_align.backbones.registry import get_adapter
+    from dinalrm_align.tiny import tiny_sd3_pipeline
 
     trainer, summary = trained
+    adapter = get_adapter("sd3")
+    transformer = trainer.algorithm.ctx.transformer
     final = Path(summary.final_dir)
-    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    assert (final / "pytorch_lora_weights.safetensors").is_file() and (final / "README.md").is_file()
     fresh = tiny_sd3_pipeline(seed=0)
     fresh.load_lora_weights(final)
-    pe = torch.randn(2, 77 + 16, 32, generator=torch.Generator().manual_seed(0))
-    pooled = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    cond = TextConditioning(torch.randn(2, 77 + 16, 32, generator=torch.Generator().manual_seed(0)),
+                            torch.randn(2, 64, generator=torch.Generator().manual_seed(1)))
     z = torch.randn(2, 16, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        trainer.transformer.eval()
+        transformer.eval()
         with trainer.ema.swapped():
-            expected = predict_velocity(trainer.transformer, z, 0.5, pe, pooled)
-        got = predict_velocity(fresh.transformer, z, 0.5, pe, pooled)
-        base = predict_velocity(tiny_sd3_pipeline(seed=0).transformer, z, 0.5, pe, pooled)
+            expected = adapter.velocity(transformer, z, 0.5, cond)
+        live = adapter.velocity(transformer, z, 0.5, cond)
+        got = adapter.velocity(fresh.transformer, z, 0.5, cond)
+        base = adapter.velocity(tiny_sd3_pipeline(seed=0).transformer, z, 0.5, cond)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert (expected - base).abs().max() > 1e-4  # the LoRA does something
+    assert (expected - live).abs().max() > 0  # the EMA weights were saved, not the live ones
 
 
 def test_branches_regulariser_and_checkpointing_in_one_update(tmp_path):
@@ -188,16 +289,42 @@ def test_branches_regulariser_and_checkpointing_in_one_update(tmp_path):
     )
     trainer.setup()
     assert trainer.accelerator.gradient_accumulation_steps == 2
-    metrics = trainer._update()
+    metrics = update(trainer)
     assert metrics["train/k"] == pytest.approx(2.5)  # the two distinct k in [2, 3]
     assert {"train/loss_fm", "train/loss_refl"} <= set(metrics)
+    mixed = (metrics["train/loss_refl"] + 0.5 * metrics["train/loss_fm"]) / 1.5
+    assert metrics["train/loss"] == pytest.approx(mixed, rel=1e-5)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_fm_sigma_sampling_draws_from_the_training_table(tmp_path):
+    from dinalrm_align.reward_model.noise import sigma_table
+    from dinalrm_align.trainer.data import save_latent_dataset
+
+    data = save_latent_dataset(tmp_path / "fm.safetensors", torch.randn(3, 16, 32, 32), ["a", "b", "c"])
+    trainer = make_trainer(tmp_path, *FAST, "train.max_steps=1", "algorithm.fm_lambda=1.0",
+                           f"algorithm.fm_dataset={data}", "algorithm.fm_batch_size=64")
+    assert trainer.config.algorithm.fm_sigma_sampling == "table_index"  # the default
+    trainer.setup()
+    algo, ctx = trainer.algorithm, trainer.algorithm.ctx
+    table = sigma_table(dict(ctx.pipeline.scheduler.config))[0]
+    assert table.shape == (1000,)
+    x_t, sigma, noise, x0, cond = algo._fm_batch(ctx)
+    assert sigma.shape == (64,) and len(cond) == 64
+    assert bool(torch.isin(sigma, table).all())  # exact entries of the scheduler's training table
+    assert len(set(sigma.tolist())) > 32  # uniform over 1000 indices: mostly distinct
+    torch.testing.assert_close(x_t, (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise)
+    for mode in ("uniform", "logit_normal"):
+        algo.config.fm_sigma_sampling = mode
+        other = algo._fm_batch(ctx)[1]
+        assert not bool(torch.isin(other, table).any()) and bool(((other > 0) & (other < 1)).all()), mode
 
 
 def test_full_finetune_saves_a_loadable_transformer(tmp_path):
     from diffusers import SD3Transformer2DModel
 
-    from dinalrm_align.sampling.rollout import predict_velocity
+    from dinalrm_align.backbones.conditioning import TextConditioning
+    from dinalrm_align.backbones.registry import get_adapter
 
     trainer = make_trainer(
         tmp_path,
@@ -210,32 +337,31 @@ def test_full_finetune_saves_a_loadable_transformer(tmp_path):
         "optim.lr=1e-4",
     )
     summary = trainer.train()
+    adapter = get_adapter("sd3")
     loaded = SD3Transformer2DModel.from_pretrained(summary.final_dir).eval()
-    pe = torch.randn(1, 77 + 16, 32)
-    pooled = torch.randn(1, 64)
+    cond = TextConditioning(torch.randn(1, 77 + 16, 32), torch.randn(1, 64))
     z = torch.randn(1, 16, 32, 32)
+    transformer = trainer.algorithm.ctx.transformer
     with torch.no_grad():
-        trainer.transformer.eval()
-        torch.testing.assert_close(
-            predict_velocity(loaded, z, 0.5, pe, pooled),
-            predict_velocity(trainer.transformer, z, 0.5, pe, pooled),
-        )
+        transformer.eval()
+        torch.testing.assert_close(adapter.velocity(loaded, z, 0.5, cond), adapter.velocity(transformer, z, 0.5, cond))
 
 
 def test_bf16_keeps_trainable_weights_fp32(tmp_path):
     trainer = make_trainer(tmp_path, *FAST, "train.max_steps=1", "train.mixed_precision=bf16")
     trainer.setup()
-    dtypes = {n: p.dtype for n, p in trainer.transformer.named_parameters()}
+    ctx = trainer.algorithm.ctx
+    dtypes = {n: p.dtype for n, p in ctx.transformer.named_parameters()}
     assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
     assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)
-    assert trainer.pipeline.vae.dtype == torch.float32
-    metrics = trainer._update()
+    assert ctx.pipeline.vae.dtype == torch.float32
+    metrics = update(trainer)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert all(p.dtype == torch.float32 for p in trainer.params)
 
 
 def test_policy_and_reward_model_load_from_folders(tmp_path):
-    from dinalrm_align.testing import tiny_reward_model, tiny_sd3_pipeline
+    from dinalrm_align.tiny import tiny_reward_model, tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline(seed=3)
     pipe.save_pretrained(tmp_path / "pipe")
@@ -246,15 +372,15 @@ def test_policy_and_reward_model_load_from_folders(tmp_path):
     )
     trainer.setup()
     ref = tiny_sd3_pipeline(seed=3).transformer.pos_embed.proj.weight
-    assert torch.equal(trainer.transformer.pos_embed.proj.weight, ref)
-    assert torch.isfinite(torch.tensor(trainer._update()["train/loss"]))
+    assert torch.equal(trainer.algorithm.ctx.transformer.pos_embed.proj.weight, ref)
+    assert torch.isfinite(torch.tensor(update(trainer)["train/loss"]))
 
 
 def test_missing_models_raise_clear_errors(tmp_path):
     from dinalrm_align.trainer.config import ModelConfig
     from dinalrm_align.trainer.policy import load_pipeline
 
-    with pytest.raises(FileNotFoundError, match="policy pipeline folder not found"):
+    with pytest.raises(FileNotFoundError, match="model.pretrained folder not found"):
         load_pipeline(ModelConfig(pretrained=str(tmp_path / "nope")))
     with pytest.raises(FileNotFoundError) as err:
         load_pipeline(ModelConfig(pretrained="no-such-org/no-such-model"))
@@ -264,8 +390,10 @@ def test_missing_models_raise_clear_errors(tmp_path):
 def test_shared_reward_backbone_with_lora_policy(tmp_path):
     trainer = make_trainer(tmp_path, *FAST, "train.max_steps=1", "reward.share_base_weights=true")
     trainer.setup()
-    rm_before = {n: p.detach().clone() for n, p in trainer.reward_model.named_parameters() if "lora_" in n or "head" in n}
-    metrics = trainer._update()
+    rm = trainer.algorithm.ctx.reward.model
+    rm_before = {n: p.detach().clone() for n, p in rm.named_parameters() if "lora_" in n or "head" in n}
+    assert rm_before
+    metrics = update(trainer)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
-    params = dict(trainer.reward_model.named_parameters())
+    params = dict(rm.named_parameters())
     assert all(torch.equal(params[n], v) for n, v in rm_before.items())

@@ -123,11 +123,12 @@ def test_pair_scorer_matches_forward_noisy(tiny_rm, tiny_text):
     chosen, rejected, noise = (torch.randn(4, 16, 16, 16, generator=g) for _ in range(3))
     sigma, _ = tiny_rm.sigma_for(torch.tensor([0.2, 0.4, 0.6, 0.8]))
     with torch.no_grad():
-        rp, rn = PairScorer(tiny_rm)(chosen, rejected, sigma, noise, pe, pooled)
+        cond = tiny_rm.conditioning(pe, pooled)
+        rp, rn = PairScorer(tiny_rm)(chosen, rejected, sigma, noise, cond)
         xp, xn = noisy_pair(chosen, rejected, sigma, noise)
         ref_p = tiny_rm.forward_noisy(xp, sigma, prompt_embeds=pe, pooled_prompt_embeds=pooled)
         ref_n = tiny_rm.forward_noisy(xn, sigma, prompt_embeds=pe, pooled_prompt_embeds=pooled)
-        same_p, same_n = PairScorer(tiny_rm)(chosen, chosen, sigma, noise, pe, pooled)
+        same_p, same_n = PairScorer(tiny_rm)(chosen, chosen, sigma, noise, cond)
     torch.testing.assert_close(rp, ref_p, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rn, ref_n, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(same_p, same_n)  # shared noise: equal latents score equally

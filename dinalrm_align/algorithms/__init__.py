@@ -1,7 +1,10 @@
-"""Alignment algorithms (ReFL, GRPO) and their pure math (``losses``, ``advantages``).
+"""Training algorithms of the one trainer (ReFL, GRPO; reward-model training lives in ``rm_training``)
+and their pure math (``losses``, ``advantages``).
 
-Kept import-light: the loss/advantage names below are imported lazily, and the algorithm
-modules (``refl``, ``grpo``) are imported explicitly by whoever needs them.
+``registry`` (leaf: name -> algorithm), ``base`` (the :class:`Algorithm` interface), ``policy`` (what ReFL and
+GRPO share: building the policy and its reward, evaluation, saving), ``reward_scorer`` (the frozen reward,
+latent or through the pixel bridge), ``refl``, ``grpo`` (+ ``grpo_config``, ``grpo_rollout``). Kept
+import-light: the names below are imported lazily.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ _LAZY = {
     "sum_then_normalize": "advantages",
     "zero_std_mask": "advantages",
     "zero_std_ratio": "advantages",
+    "compute_advantages": "advantages",
+    "GroupAdvantages": "advantages",
+    "register_algorithm": "registry",
+    "resolve_algorithm": "registry",
 }
 
 __all__ = sorted(_LAZY)

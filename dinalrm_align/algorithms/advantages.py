@@ -29,6 +29,8 @@ __all__ = [
     "sum_then_normalize",
     "zero_std_mask",
     "zero_std_ratio",
+    "GroupAdvantages",
+    "compute_advantages",
 ]
 
 GroupIds = torch.Tensor | Sequence[Hashable]
@@ -212,3 +214,75 @@ def rank_slice(gathered: torch.Tensor, rank: int, world_size: int) -> torch.Tens
         raise ValueError(f"gathered batch {gathered.shape[0]} is not divisible by world_size {world_size}")
     per_rank = gathered.shape[0] // world_size
     return gathered[rank * per_rank : (rank + 1) * per_rank]
+
+
+class GroupAdvantages(NamedTuple):
+    """Advantages of one gathered epoch.
+
+    Attributes:
+        advantages: float32 ``(N,)``, clipped; exactly 0 for dropped samples.
+        keep: bool ``(N,)``; False for samples of zero-std groups when filtering.
+        zero_std_ratio: fraction of groups whose (weighted) rewards have zero std.
+        num_groups: number of groups (distinct prompts).
+    """
+
+    advantages: torch.Tensor
+    keep: torch.Tensor
+    zero_std_ratio: float
+    num_groups: int
+
+
+def compute_advantages(
+    components: Mapping[str, torch.Tensor],
+    group_ids: GroupIds,
+    weights: Mapping[str, float],
+    *,
+    mode: str = "per_component",
+    global_std: bool = False,
+    adv_clip_max: float | None = 5.0,
+    filter_zero_std: bool = True,
+    eps: float = 1e-4,
+) -> GroupAdvantages:
+    """Per-prompt GRPO advantages of rewards gathered from ALL processes.
+
+    Args:
+        components: ``{name: (N,) rewards}`` (same order as ``group_ids``).
+        group_ids: ``(N,)`` ids (e.g. :func:`~dinalrm_align.trainer.grouping.prompt_group_ids`) or prompts.
+        weights: ``{name: weight}``; zero weights are ignored.
+        mode: ``per_component`` (:func:`combine_advantages`) or ``sum`` (:func:`sum_then_normalize`).
+        global_std: one std over all samples instead of per group.
+        adv_clip_max: clamp to ``+-adv_clip_max`` (None: no clipping).
+        filter_zero_std: mark samples of zero-std groups as not kept (their advantage is 0 anyway).
+
+    A group is zero-std when every weighted component (``per_component``) or the weighted sum
+    (``sum``) is constant within it; groups of one sample count as zero-std.
+    """
+    used = {k: float(w) for k, w in weights.items() if w != 0}
+    if not used:
+        raise ValueError("weights must give at least one component a non-zero weight")
+    missing = sorted(set(used) - set(components))
+    if missing:
+        raise ValueError(f"weights name components {missing} that were not computed; have {sorted(components)}")
+    if mode == "per_component":
+        adv = combine_advantages(components, used, group_ids, global_std, eps=eps)
+        zero = None
+        for name in used:
+            z = zero_std_mask(components[name], group_ids)
+            zero = z if zero is None else zero & z
+        assert zero is not None
+    elif mode == "sum":
+        adv = sum_then_normalize(components, used, group_ids, global_std, eps=eps)
+        total = sum(w * components[k].double() for k, w in used.items())
+        assert isinstance(total, torch.Tensor)
+        zero = zero_std_mask(total, group_ids)
+    else:
+        raise ValueError(f"advantage mode must be 'per_component' or 'sum', got {mode!r}")
+    if adv_clip_max is not None:
+        adv = clip_advantages(adv, adv_clip_max)
+    n = adv.shape[0]
+    inverse, num_groups = as_group_ids(group_ids, n, device=adv.device)
+    zero_groups = torch.zeros(num_groups, dtype=torch.bool, device=adv.device)
+    zero_groups[inverse[zero]] = True
+    adv = torch.where(zero, torch.zeros_like(adv), adv)
+    keep = ~zero if filter_zero_std else torch.ones_like(zero)
+    return GroupAdvantages(adv, keep, float(zero_groups.float().mean()), num_groups)

@@ -1,49 +1,48 @@
-"""The Algorithm interface plugged into the shared trainer, the context it receives, and the registry.
+"""The Algorithm interface of the one shared trainer.
 
-An algorithm owns the maths of one update (rollouts, rewards, loss, ``ctx.backward``); the trainer
-owns everything else (accelerator, optimizer step, clipping, EMA, checkpoints, eval, logging).
+An algorithm owns what is specific to it: which models it builds and which parameters train, the data
+stream, the maths of one update (``train_step``), its evaluation and how its final weights are saved.
+The :class:`~dinalrm_align.trainer.loop.Trainer` owns everything else: the accelerator, the optimizer and
+LR schedule, gradient accumulation and clipping, the EMA, divergence checks, checkpoints and resume,
+tracking, the progress bar and the summary. ReFL, GRPO and reward-model training are all algorithms.
 
 Micro-step contract: the trainer builds the Accelerator with
-``gradient_accumulation_steps = train.gradient_accumulation_steps * algorithm.micro_steps_per_batch``
-and calls :meth:`Algorithm.train_step` once per prompt batch. Inside, the algorithm runs exactly
-``micro_steps_per_batch`` micro-steps, each as ``with ctx.accumulate(): ...; ctx.backward(loss)``.
-After ``train.gradient_accumulation_steps`` batches the trainer clips, steps the optimizer and the
-LR scheduler, and zeroes the gradients.
+``gradient_accumulation_steps = train accumulation x algorithm.micro_steps_per_batch`` and calls
+:meth:`Algorithm.train_step` once per batch of the data stream. Inside, the algorithm runs exactly
+``micro_steps_per_batch`` micro-steps, each as ``with run.accumulate(model): ...; run.backward(loss)``.
 
-Metrics returned by ``train_step``: floats / 0-d tensors are averaged over batches and processes;
-1-D tensors are per-sample values, gathered over processes and logged as ``<key>_mean`` / ``<key>_std``.
+Metrics returned by ``train_step`` stay on the device (no host synchronisation in the hot path):
+0-d tensors / floats are averaged over batches and processes; 1-D tensors are per-sample values,
+gathered and logged as ``<key>_mean`` / ``<key>_std``. ``loss`` is required; keys starting with
+``reward`` are checked for non-finite values together with the loss and the gradient norm.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from dinalrm_align.trainer.config import AlgorithmConfig
+import torch
+
+from dinalrm_align.trainer.sections import AlgorithmConfig, RunConfig
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from accelerate import Accelerator
-    from diffusers import StableDiffusion3Pipeline
 
-    from dinalrm_align.reward_model.model import LatentRewardModel
-    from dinalrm_align.trainer.config import TrainConfig
+__all__ = ["Algorithm", "BuildResult", "DataStream", "EvalResult", "Preflight", "RunState"]
 
 
 @runtime_checkable
-class PromptSource(Protocol):
-    """What the trainer needs from a prompt stream (checkpointed with the run)."""
+class DataStream(Protocol):
+    """What the trainer needs from a data stream (its state is checkpointed with the run)."""
 
-    prompts: list[str]
+    def next_batch(self) -> Any: ...
 
     @property
-    def position(self) -> int: ...  # prompts drawn so far (position / len(prompts) = epochs)
-
-    def next_batch(self) -> list[str]: ...
+    def epoch_progress(self) -> float: ...  # epochs consumed so far (fractional)
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -51,187 +50,157 @@ class PromptSource(Protocol):
 
 
 @dataclass
-class TrainContext:
-    """Everything an algorithm may use during setup and a train step.
+class Preflight:
+    """What the cheap checks found (nothing heavy is loaded yet).
+
+    Attributes:
+        world_size: processes of the launch.
+        accumulation: micro-batches per update.
+        summary: one line for ``--check`` (counts of prompts / pairs ...).
+        data_fingerprint: hash of the training data (a resume must see the same data).
+        info: whatever the algorithm keeps for :meth:`Algorithm.build` (e.g. the prompt lists).
+    """
+
+    world_size: int
+    accumulation: int
+    summary: str
+    data_fingerprint: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """What the trainer hands to :meth:`Algorithm.build` and :meth:`Algorithm.setup`.
 
     Attributes:
         config: the resolved recipe.
-        accelerator: the run's ``accelerate.Accelerator``.
-        pipeline: the SD3 pipeline (text encoders, VAE, scheduler config; frozen).
-        model: the prepared policy transformer (DDP / DeepSpeed wrapped): use it for forwards WITH grad.
-        transformer: the same transformer unwrapped: use it for no-grad rollouts.
-        reward_model: the frozen latent reward model.
-        weight_dtype: dtype of frozen weights (mixed-precision dtype).
-        latent_shape: ``(C, h, w)`` of the policy latents at ``sampling.resolution``.
+        accelerator: the run's accelerator.
+        weight_dtype: dtype of frozen weights (the mixed-precision dtype).
+        sharding: ``none``, ``zero2``, ``zero3`` or ``fsdp`` (how trainable parameters are partitioned).
+        preflight: the preflight result.
+        run_dir: the run folder.
     """
 
-    config: TrainConfig
+    config: RunConfig
     accelerator: Accelerator
-    pipeline: StableDiffusion3Pipeline
-    model: torch.nn.Module
-    transformer: torch.nn.Module
-    reward_model: LatentRewardModel
     weight_dtype: torch.dtype
-    latent_shape: tuple[int, int, int]
-    _negative_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    sharding: str
+    preflight: Preflight
+    run_dir: Path
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
     @property
-    def process_index(self) -> int:
-        return self.accelerator.process_index
+    def params_sharded(self) -> bool:
+        """True when the trainable parameters are partitioned over processes (ZeRO-3, FSDP)."""
+        return self.sharding in ("zero3", "fsdp")
 
-    @property
-    def num_processes(self) -> int:
-        return self.accelerator.num_processes
-
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode prompts without grad -> ``(B, 77 + L, D)``, ``(B, P)`` on ``device`` (fp32)."""
-        import torch
-
-        from dinalrm_align.reward_model.text import encode_prompts
-
-        with torch.no_grad():
-            pe, pooled = encode_prompts(
-                self.pipeline, list(prompts), max_sequence_length=self.config.sampling.max_sequence_length
-            )
-        return pe.to(self.device, torch.float32), pooled.to(self.device, torch.float32)
-
-    def negative(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings of ``sampling.negative_prompt`` tiled to ``batch_size`` (cached)."""
-        text = self.config.sampling.negative_prompt
-        if text not in self._negative_cache:
-            self._negative_cache[text] = self.encode([text])
-        pe, pooled = self._negative_cache[text]
-        return pe.expand(batch_size, -1, -1), pooled.expand(batch_size, -1)
-
-    def normalize_reward(self, raw: torch.Tensor) -> torch.Tensor:
-        """``(raw + offset) / scale``: ``reward.offset`` / ``reward.scale`` if set, else the model's own."""
-        cfg = self.config.reward
-        if cfg.offset is None and cfg.scale is None:
-            return self.reward_model.normalize(raw)
-        norm = self.reward_model.normalization
-        offset = norm.offset if cfg.offset is None else cfg.offset
-        scale = norm.scale if cfg.scale is None else cfg.scale
-        return (raw + offset) / scale
-
-    def accumulate(self) -> contextlib.AbstractContextManager:
+    def accumulate(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Context of one micro-step (gradient sync only on the last one of an update)."""
-        return self.accelerator.accumulate(self.model)
+        return self.accelerator.accumulate(model)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision autocast of the run (no-op with ``mixed_precision: no``)."""
         return self.accelerator.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:
-        """``accelerator.backward`` (scales by the accumulation steps, DeepSpeed-aware)."""
+        """``accelerator.backward`` (scales by the accumulation, DeepSpeed-aware)."""
         self.accelerator.backward(loss)
 
 
-class Algorithm(ABC):
-    """An alignment algorithm run by :class:`dinalrm_align.trainer.loop.Trainer`.
+@dataclass
+class BuildResult:
+    """What :meth:`Algorithm.build` returns.
 
-    Subclasses set ``name`` and ``config_class`` (a dataclass derived from
-    :class:`~dinalrm_align.trainer.config.AlgorithmConfig`, loaded from the recipe's
-    ``algorithm`` section) and implement :meth:`setup` and :meth:`train_step`.
+    Attributes:
+        module: the root module holding every trainable parameter (prepared by the trainer).
+        params: the trainable parameters (optimizer, EMA, clipping).
+        data: the data stream the trainer feeds to ``train_step``.
     """
+
+    module: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    data: DataStream
+
+
+@dataclass
+class EvalResult:
+    """An evaluation: scalar metrics (logged), and optionally an image grid and a per-sample table.
+
+    Attributes:
+        metrics: ``{"eval/...": float}`` (complete on the main process).
+        grid: path of a captioned image grid, if any.
+        table: rows ``{"prompt": str, "image": PIL image | None, "<reward>": float, ...}`` for a tracker table.
+        headline: the metrics shown in the console line and the summary (keys of ``metrics``).
+        stop: a reason to stop training now (e.g. the reward-hacking rule fired), or None.
+    """
+
+    metrics: dict[str, float]
+    grid: Path | None = None
+    table: list[dict[str, Any]] = field(default_factory=list)
+    headline: list[str] = field(default_factory=list)
+    stop: str | None = None
+
+
+class Algorithm(ABC):
+    """A training algorithm run by the one trainer (see the module docstring)."""
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    #: The recipe schema this algorithm reads (``TrainConfig`` for alignment, ``RMTrainConfig`` ...).
+    recipe_class: ClassVar[type[RunConfig]] = RunConfig
+    #: Name of the per-step metric shown in the progress bar next to the loss.
+    progress_metric: ClassVar[str] = ""
 
     def __init__(self, config: AlgorithmConfig) -> None:
         self.config = config
 
     @property
     def micro_steps_per_batch(self) -> int:
-        """Number of ``ctx.accumulate()`` micro-steps one :meth:`train_step` call makes."""
+        """Micro-steps one :meth:`train_step` makes (known after :meth:`preflight`)."""
         return 1
 
-    def validate(self, config: TrainConfig) -> None:  # noqa: B027 - optional hook
-        """Cheap consistency checks against the whole recipe, before any model is loaded."""
+    # ------------------------------------------------------------------ before any model
+    @abstractmethod
+    def preflight(self, recipe: Any, world_size: int) -> Preflight:
+        """Cheap checks of the whole recipe and the data (ValueError / FileNotFoundError, one line each)."""
 
-    def build_sampler(
-        self,
-        prompts: Sequence[str],
-        *,
-        batch_size: int,
-        num_processes: int,
-        rank: int,
-        seed: int,
-        shuffle: bool = True,
-    ) -> PromptSource:
-        """The prompt stream the trainer feeds to :meth:`train_step` (one ``next_batch()`` per call).
+    def check_sharding(self, recipe: Any, sharding: str) -> None:  # noqa: B027 - optional hook
+        """Refuse recipe options that cannot work with this kind of parameter sharding."""
 
-        Default: :class:`~dinalrm_align.trainer.data.PromptSampler` (distinct ``batch_size`` prompts
-        per process per call). Override for grouped sampling (GRPO's k-repeat sampler).
-        """
-        from dinalrm_align.trainer.data import PromptSampler
-
-        return PromptSampler(
-            prompts, batch_size, num_processes=num_processes, rank=rank, seed=seed, shuffle=shuffle
-        )
+    # ------------------------------------------------------------------ models
+    @abstractmethod
+    def build(self, run: RunState) -> BuildResult:
+        """Load models, choose the trainable parameters, make the data stream (before ``prepare``)."""
 
     @abstractmethod
-    def setup(self, ctx: TrainContext) -> None:
-        """Called once after models, optimizer and accelerator are ready (before resuming)."""
+    def setup(self, run: RunState, model: torch.nn.Module) -> None:
+        """Called once after ``accelerator.prepare``; ``model`` is the prepared :attr:`BuildResult.module`."""
 
     @abstractmethod
-    def train_step(self, ctx: TrainContext, prompts: list[str]) -> dict[str, Any]:
-        """Run ``micro_steps_per_batch`` micro-steps on this process' ``prompts``; return metrics."""
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        """Run ``micro_steps_per_batch`` micro-steps on this process' ``batch``; return device metrics."""
 
+    # ------------------------------------------------------------------ evaluation and outputs
+    def evaluate(self, step: int) -> EvalResult | None:
+        """Evaluate the current (EMA-swapped) weights; every process calls it (collectives allowed)."""
+        return None
+
+    @abstractmethod
+    def save_final(self, out_dir: Path, trainable_state: dict[str, torch.Tensor]) -> str:
+        """Write the final weights (main process); ``trainable_state`` are the gathered trainable weights.
+        Returns a short description of the format."""
+
+    def model_card(self, summary: dict[str, Any]) -> str | None:
+        """Markdown model card of the final weights (None: none)."""
+        return None
+
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Per-process algorithm state for checkpoints (tensors and plain Python types only)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Restore what :meth:`state_dict` returned."""
-
-
-#: Built-in algorithms: name -> "module:Class" (imported on demand).
-ALGORITHMS: dict[str, str] = {
-    "refl": "dinalrm_align.algorithms.refl:ReFL",
-    "grpo": "dinalrm_align.algorithms.grpo:GRPO",
-}
-
-
-def register_algorithm(name: str, target: str) -> None:
-    """Register ``name`` -> ``"module:Class"`` so recipes can say ``algorithm: {name: NAME}``."""
-    if ":" not in target:
-        raise ValueError(f"algorithm target {target!r} must look like 'package.module:Class'")
-    ALGORITHMS[name] = target
-
-
-def import_object(target: str) -> Any:
-    """Import ``"pkg.module:attr"`` or ``"pkg.module.attr"``; ValueError with the target if it fails."""
-    if ":" in target:
-        module_name, attr = target.split(":", 1)
-    elif "." in target:
-        module_name, attr = target.rsplit(".", 1)
-    else:
-        raise ValueError(f"{target!r} is not an import path (expected 'package.module:name')")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r} for {target!r}: {exc}") from exc
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{module_name!r} has no attribute {attr!r} (from {target!r})")
-        obj = getattr(obj, part)
-    return obj
-
-
-def resolve_algorithm(name: str) -> type[Algorithm]:
-    """Algorithm class for a registered name or an import path ``pkg.module:Class``."""
-    target = ALGORITHMS.get(name)
-    if target is None and (":" in name or "." in name):
-        target = name
-    if target is None:
-        raise ValueError(f"unknown algorithm {name!r}; valid algorithms: {', '.join(ALGORITHMS)}")
-    cls = import_object(target)
-    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
-        raise ValueError(f"{target!r} is not a subclass of dinalrm_align.algorithms.base.Algorithm")
-    return cls
-

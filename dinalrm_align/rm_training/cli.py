@@ -4,52 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
+
+def _verbosity(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only, no progress bars")
+    group.add_argument("--verbose", "-v", action="store_true", help="debug output and tracebacks on errors")
 
 
-def _fail(prog: str, exc: Exception) -> int:
-    print(f"dinalrm-align {prog}: error: {exc}", file=sys.stderr)
-    return EXIT_USAGE
+def _setup(args: argparse.Namespace) -> None:
+    from dinalrm_align.logs import setup_logging
+
+    setup_logging(-1 if args.quiet else 1 if args.verbose else 0)
 
 
 # ---------------------------------------------------------------------------------------------- train-rm
-def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dinalrm-align train-rm",
-        description="Train a latent reward model on preference-pair shards (see recipes/rm_sd35m.yaml).",
-    )
-    p.add_argument("recipe", help="YAML recipe (recipes/rm_sd35m.yaml, recipes/tiny_rm.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("--run-dir", help="shortcut for --set run_dir=DIR")
-    p.add_argument("--resume", help="checkpoint folder or 'latest' (shortcut for --set checkpoint.resume=...)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
 def train_main(argv: list[str] | None = None) -> int:
-    args = train_parser().parse_args(argv)
-    from dinalrm_align.rm_training.config import load_rm_train_config
+    """``dinalrm-align train-rm RECIPE`` = ``dinalrm-align train RECIPE`` with ``algorithm: reward_model`` by default."""
+    from dinalrm_align.trainer.cli import main
 
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    if args.resume:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    try:
-        config = load_rm_train_config(args.recipe, overrides)
-    except (ValueError, FileNotFoundError) as exc:
-        return _fail("train-rm", exc)
-    from dinalrm_align.rm_training.train import train_reward_model
-
-    try:
-        train_reward_model(config, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
-        return _fail("train-rm", exc)
-    return 0
+    return main(argv, default_algorithm="reward_model", prog="dinalrm-align train-rm")
 
 
 # ---------------------------------------------------------------------------------------------- eval-rm
@@ -61,8 +36,9 @@ def eval_parser() -> argparse.ArgumentParser:
         description="Pairwise accuracy per noise level (ties count as wrong), calibration, JSON report + PNG plots.",
     )
     p.add_argument("--model", required=True, help="reward model folder or hub id (tiny[:SEED] for the tiny random one)")
-    p.add_argument("--pipeline", default="stabilityai/stable-diffusion-3.5-medium",
-                   help="SD3 pipeline for the text stack / base blocks / VAE (tiny[:SEED], folder or hub id)")
+    p.add_argument("--pipeline", default=None,
+                   help="pipeline for the text stack / base blocks / VAE (tiny id, folder or hub id; default: the "
+                        "model's own base pipeline)")
     p.add_argument("--pairs", help="latent pair shards (folder or .parquet)")
     p.add_argument("--ranked", help="jsonl of ranked sets {prompt, images: [paths], ranks: [1, 2, ...]}")
     p.add_argument("--out", required=True, help="output folder for report.json and the plots")
@@ -79,7 +55,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-u", default="0.4", help="noise level whose scores are calibrated ('ensemble' allowed)")
     p.add_argument("--save-calibrated", help="write the model with the fitted calibration here (released layout)")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true")
+    _verbosity(p)
     return p
 
 
@@ -88,31 +64,40 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    args = eval_parser().parse_args(argv)
-    if not args.pairs and not args.ranked:
-        return _fail("eval-rm", ValueError("give --pairs and/or --ranked"))
-    from dinalrm_align.rm_training.report import EvalJob, run_evaluation
+    from dinalrm_align.errors import run_cli
 
-    try:
+    args = eval_parser().parse_args(argv)
+    _setup(args)
+
+    def body() -> int:
+        if not args.pairs and not args.ranked:
+            raise ValueError("give --pairs and/or --ranked")
+        from dinalrm_align.reward_model.cli_score import default_pipeline
+        from dinalrm_align.rm_training.report import EvalJob, run_evaluation
+
+        pipeline = args.pipeline or default_pipeline(args.model)
         job = EvalJob(
-            model=args.model, pipeline=args.pipeline, pairs=args.pairs, ranked=args.ranked, out=Path(args.out),
+            model=args.model, pipeline=pipeline, pairs=args.pairs, ranked=args.ranked, out=Path(args.out),
             us=_floats(args.us), ensemble=_floats(args.ensemble) or None, seed=args.seed, n_noise=args.n_noise,
             batch_size=args.batch_size, max_pairs=args.max_pairs, max_sequence_length=args.max_sequence_length,
             calibrate=args.calibrate, calibration_level=args.calibration_u, save_calibrated=args.save_calibrated,
             device=args.device, progress=not args.quiet,
         )
         report = run_evaluation(job)
-    except (ValueError, FileNotFoundError) as exc:
-        return _fail("eval-rm", exc)
-    print(json.dumps(report["summary"], indent=2))
-    return 0
+        print(json.dumps(report["summary"], indent=2))
+        return 0
+
+    return run_cli("eval-rm", body, verbose=args.verbose)
 
 
 # ---------------------------------------------------------------------------------------------- preprocess
 def preprocess_parser() -> argparse.ArgumentParser:
+    from dinalrm_align.rm_training.image_io import DEFAULT_MAX_PIXELS
+
     p = argparse.ArgumentParser(
         prog="dinalrm-align preprocess",
-        description="Encode preference images into latent pair shards (aspect-ratio buckets, SD3 VAE, resumable).",
+        description="Encode preference images into latent pair shards (aspect-ratio buckets, the --vae family's "
+                    "VAE and normalisation, resumable).",
     )
     p.add_argument("source", help="jsonl of {prompt, chosen_path, rejected_path}, HPDv3 json, or Pick-a-Pic parquet(s)")
     p.add_argument("--out", required=True, help="output folder for part_XXXXX.parquet shards")
@@ -129,22 +114,33 @@ def preprocess_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per VAE call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--image-timeout", type=float, default=None, metavar="SECONDS",
+                   help="time limit per image read; a slower read is killed and its pair skipped "
+                        "(default 60 with reader processes; 0: no limit)")
+    p.add_argument("--decode-workers", type=int, default=2,
+                   help="image reader processes per process of the run (0: read in this process, no time limit)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="skip pairs with an image of more pixels (default: Pillow's decompression-bomb limit)")
+    _verbosity(p)
     return p
 
 
 def preprocess_main(argv: list[str] | None = None) -> int:
-    args = preprocess_parser().parse_args(argv)
-    from dinalrm_align.rm_training.preprocess import (
-        SD3_BUCKETS,
-        PreprocessOptions,
-        format_summary,
-        parse_buckets,
-        preprocess,
-        scale_buckets,
-    )
+    from dinalrm_align.errors import run_cli
 
-    try:
+    args = preprocess_parser().parse_args(argv)
+    _setup(args)
+
+    def body() -> int:
+        from dinalrm_align.rm_training.preprocess import (
+            SD3_BUCKETS,
+            PreprocessOptions,
+            format_summary,
+            parse_buckets,
+            preprocess,
+            scale_buckets,
+        )
+
         buckets = parse_buckets(args.buckets) if args.buckets else list(SD3_BUCKETS)
         if args.bucket_scale != 1.0:
             buckets = scale_buckets(buckets, args.bucket_scale, args.bucket_multiple)
@@ -152,9 +148,11 @@ def preprocess_main(argv: list[str] | None = None) -> int:
             source=args.source, output=args.out, layout=args.layout, vae=args.vae, image_root=args.image_root,
             buckets=buckets, min_size=args.min_size, shard_size=args.shard_size, batch_size=args.batch_size,
             seed=args.seed, dtype=args.dtype, progress=not args.quiet,
+            image_timeout=(60.0 if args.decode_workers > 0 else None) if args.image_timeout is None else args.image_timeout,
+            decode_workers=args.decode_workers, max_pixels=args.max_pixels,
         )
         summary = preprocess(options)
-    except (ValueError, FileNotFoundError) as exc:
-        return _fail("preprocess", exc)
-    print(format_summary(summary))
-    return 0
+        print(format_summary(summary))
+        return 0
+
+    return run_cli("preprocess", body, verbose=args.verbose)

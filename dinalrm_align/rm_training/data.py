@@ -1,318 +1,42 @@
-"""Preference-pair latent shards (parquet), the aspect-ratio bucket index and a bucketed sampler.
+"""Random access to preference pairs and the bucketed, resumable, distributed batch sampler.
 
-Shard layout (one parquet file per shard, zstd, written atomically by :func:`write_shard`)::
-
-    prompt           string
-    chosen_latent    binary   float32 C-order bytes of the chosen SD3-normalised latent (C, h, w)
-    rejected_latent  binary   same for the rejected latent
-    chosen_shape     list<int32>  (C, h, w)
-    rejected_shape   list<int32>
-    votes_chosen     int32 (nullable)   human votes for the chosen image
-    votes_rejected   int32 (nullable)
-    height, width    int32    pixel size of the bucket the images were resized to
-    chosen_path, rejected_path, source   string (nullable, provenance)
-
-Latent bytes that start with the ``.npy`` magic (as other tools store them) are decoded too.
-
-The :class:`PairIndex` lists every pair as (shard, row, latent h, latent w, votes); it is built from
-the small columns only and cached next to the shards as ``index.csv``. :class:`BucketBatchSampler`
-draws batches from one bucket at a time, reshuffles every epoch, shards every global batch evenly
-over processes (incomplete global batches are dropped) and resumes from its state.
+:class:`PairDataset` reads pairs of a :class:`~dinalrm_align.rm_training.pair_index.PairIndex` from
+memory-mapped shards. :class:`BucketBatchSampler` draws batches from one aspect-ratio bucket at a time,
+reshuffles every epoch, shards every global batch evenly over processes (incomplete global batches are
+dropped) and resumes from its state. The shard and index helpers are re-exported here.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-FORMAT = "dinalrm-align/pairs-v1"
-INDEX_FILE = "index.csv"
-INDEX_META = "index_meta.json"
-_NPY_MAGIC = b"\x93NUMPY"
+from dinalrm_align.rm_training.pair_index import (
+    INDEX_FILE,
+    INDEX_META,
+    PairIndex,
+    build_index,
+    min_votes_filter,
+)
+from dinalrm_align.rm_training.shards import (
+    FORMAT,
+    PairRecord,
+    latent_from_bytes,
+    latent_to_bytes,
+    list_shards,
+    write_shard,
+)
 
-
-# ----------------------------------------------------------------------------------------------
-# Latent (de)serialisation
-# ----------------------------------------------------------------------------------------------
-
-
-def latent_to_bytes(latent: np.ndarray | torch.Tensor) -> tuple[bytes, list[int]]:
-    """Float32 C-order bytes and shape of a latent (C, h, w)."""
-    if isinstance(latent, torch.Tensor):
-        latent = latent.detach().cpu().float().numpy()
-    array = np.ascontiguousarray(latent, dtype=np.float32)
-    if array.ndim != 3:
-        raise ValueError(f"a latent must be (C, h, w), got shape {array.shape}")
-    return array.tobytes(), [int(s) for s in array.shape]
-
-
-def latent_from_bytes(buffer: bytes, shape: Sequence[int] | None) -> np.ndarray:
-    """Inverse of :func:`latent_to_bytes`; ``.npy`` bytes (magic header) carry their own shape."""
-    if buffer[:6] == _NPY_MAGIC:
-        return np.load(io.BytesIO(buffer), allow_pickle=False).astype(np.float32, copy=False)
-    if shape is None:
-        raise ValueError("raw latent bytes need a shape")
-    expected = int(np.prod(shape)) * 4
-    if len(buffer) != expected:
-        raise ValueError(f"latent bytes have {len(buffer)} bytes, shape {list(shape)} needs {expected}")
-    return np.frombuffer(buffer, dtype=np.float32).reshape(tuple(shape))
-
-
-@dataclass
-class PairRecord:
-    """One preference pair with its latents (C, h, w) float32."""
-
-    prompt: str
-    chosen: np.ndarray
-    rejected: np.ndarray
-    votes_chosen: int | None = None
-    votes_rejected: int | None = None
-    height: int = 0
-    width: int = 0
-    chosen_path: str | None = None
-    rejected_path: str | None = None
-    source: str | None = None
-
-
-def _schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("prompt", pa.string()),
-            ("chosen_latent", pa.binary()),
-            ("rejected_latent", pa.binary()),
-            ("chosen_shape", pa.list_(pa.int32())),
-            ("rejected_shape", pa.list_(pa.int32())),
-            ("votes_chosen", pa.int32()),
-            ("votes_rejected", pa.int32()),
-            ("height", pa.int32()),
-            ("width", pa.int32()),
-            ("chosen_path", pa.string()),
-            ("rejected_path", pa.string()),
-            ("source", pa.string()),
-        ],
-        metadata={"format": FORMAT},
-    )
-
-
-def write_shard(path: str | os.PathLike, records: Sequence[PairRecord], row_group_size: int = 256) -> Path:
-    """Write ``records`` to one parquet shard atomically (``.tmp`` file renamed when complete)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if not records:
-        raise ValueError("a shard needs at least one record")
-    cols: dict[str, list[Any]] = {name: [] for name in _schema().names}
-    for r in records:
-        cb, cs = latent_to_bytes(r.chosen)
-        rb, rs = latent_to_bytes(r.rejected)
-        if cs != rs:
-            raise ValueError(f"pair {r.prompt!r}: chosen {cs} and rejected {rs} latents differ in shape")
-        for key, value in (
-            ("prompt", r.prompt),
-            ("chosen_latent", cb),
-            ("rejected_latent", rb),
-            ("chosen_shape", cs),
-            ("rejected_shape", rs),
-            ("votes_chosen", r.votes_chosen),
-            ("votes_rejected", r.votes_rejected),
-            ("height", r.height),
-            ("width", r.width),
-            ("chosen_path", r.chosen_path),
-            ("rejected_path", r.rejected_path),
-            ("source", r.source),
-        ):
-            cols[key].append(value)
-    table = pa.Table.from_pydict(cols, schema=_schema())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
-    os.replace(tmp, path)
-    return path
-
-
-def list_shards(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Parquet shards of a folder (sorted; temporary files skipped), a single file, or a list."""
-    if isinstance(source, (list, tuple)):
-        paths = [Path(p) for p in source]
-    else:
-        root = Path(source)
-        if root.is_file():
-            paths = [root]
-        elif root.is_dir():
-            paths = sorted(p for p in root.glob("*.parquet") if not p.name.startswith("."))
-        else:
-            raise FileNotFoundError(f"pair shards not found: {root}")
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"pair shard(s) not found: {', '.join(missing)}")
-    if not paths:
-        raise FileNotFoundError(f"no .parquet shards in {source}")
-    return paths
-
-
-# ----------------------------------------------------------------------------------------------
-# Index
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PairIndex:
-    """Every pair as (shard id, row, latent h, latent w, votes); ``shards`` are the files."""
-
-    shards: list[Path]
-    shard_id: np.ndarray
-    row: np.ndarray
-    height: np.ndarray
-    width: np.ndarray
-    votes_chosen: np.ndarray  # -1 when unknown
-    votes_rejected: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.shard_id.shape[0])
-
-    def buckets(self) -> dict[tuple[int, int], np.ndarray]:
-        """Latent size ``(h, w)`` -> positions (into this index) of the pairs of that size."""
-        keys = self.height.astype(np.int64) * 1_000_000 + self.width.astype(np.int64)
-        out: dict[tuple[int, int], np.ndarray] = {}
-        for key in np.unique(keys):
-            out[(int(key // 1_000_000), int(key % 1_000_000))] = np.nonzero(keys == key)[0]
-        return out
-
-    def subset(self, positions: np.ndarray | Sequence[int]) -> PairIndex:
-        pos = np.asarray(positions, dtype=np.int64)
-        return PairIndex(
-            self.shards,
-            self.shard_id[pos],
-            self.row[pos],
-            self.height[pos],
-            self.width[pos],
-            self.votes_chosen[pos],
-            self.votes_rejected[pos],
-        )
-
-    def filter(self, keep: Callable[[PairIndex], np.ndarray]) -> PairIndex:
-        """Keep the pairs where ``keep(index)`` (a boolean array over the index) is true."""
-        mask = np.asarray(keep(self), dtype=bool)
-        if mask.shape != (len(self),):
-            raise ValueError(f"filter must return a boolean array of shape ({len(self)},), got {mask.shape}")
-        return self.subset(np.nonzero(mask)[0])
-
-    def split(self, num_eval: int, seed: int = 0) -> tuple[PairIndex, PairIndex]:
-        """``(train, eval)``: ``num_eval`` pairs held out by a seeded permutation."""
-        if not 0 <= num_eval < len(self):
-            raise ValueError(f"cannot hold out {num_eval} of {len(self)} pairs")
-        order = np.random.default_rng(seed).permutation(len(self))
-        return self.subset(np.sort(order[num_eval:])), self.subset(np.sort(order[:num_eval]))
-
-
-def min_votes_filter(min_votes: int) -> Callable[[PairIndex], np.ndarray]:
-    """Filter hook: keep pairs whose chosen image got at least ``min_votes`` votes (unknown votes pass)."""
-
-    def keep(index: PairIndex) -> np.ndarray:
-        return (index.votes_chosen < 0) | (index.votes_chosen >= min_votes)
-
-    return keep
-
-
-def _shard_signature(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    return [{"name": p.name, "size": p.stat().st_size} for p in paths]
-
-
-def build_index(source: str | os.PathLike | Sequence[str | os.PathLike], cache: bool = True) -> PairIndex:
-    """Index the pairs of ``source`` (folder, file or list of files).
-
-    Reads only the shape and vote columns. For a folder the index is cached as ``index.csv``
-    (+ ``index_meta.json`` with the shard names and sizes) and rebuilt when the shards change.
-    """
-    import pyarrow.parquet as pq
-
-    shards = list_shards(source)
-    root = Path(source) if not isinstance(source, (list, tuple)) and Path(source).is_dir() else None
-    signature = _shard_signature(shards)
-    if cache and root is not None and (root / INDEX_FILE).is_file() and (root / INDEX_META).is_file():
-        try:
-            meta = json.loads((root / INDEX_META).read_text())
-        except json.JSONDecodeError:
-            meta = {}
-        if meta.get("shards") == signature:
-            return _read_index_csv(root / INDEX_FILE, shards)
-    cols: dict[str, list[int]] = {k: [] for k in ("shard_id", "row", "height", "width", "vc", "vr")}
-    for sid, path in enumerate(shards):
-        table = pq.read_table(path, columns=["chosen_shape", "rejected_shape", "votes_chosen", "votes_rejected"])
-        chosen = table.column("chosen_shape").to_pylist()
-        rejected = table.column("rejected_shape").to_pylist()
-        vc = table.column("votes_chosen").to_pylist()
-        vr = table.column("votes_rejected").to_pylist()
-        for row, (cs, rs) in enumerate(zip(chosen, rejected)):
-            if cs is None or rs is None or list(cs) != list(rs) or len(cs) != 3:
-                raise ValueError(f"{path} row {row}: bad latent shapes chosen={cs} rejected={rs}")
-            cols["shard_id"].append(sid)
-            cols["row"].append(row)
-            cols["height"].append(int(cs[1]))
-            cols["width"].append(int(cs[2]))
-            cols["vc"].append(-1 if vc[row] is None else int(vc[row]))
-            cols["vr"].append(-1 if vr[row] is None else int(vr[row]))
-    index = PairIndex(
-        shards,
-        *(np.asarray(cols[k], dtype=np.int64) for k in ("shard_id", "row", "height", "width", "vc", "vr")),
-    )
-    if cache and root is not None:
-        _write_index_csv(root / INDEX_FILE, index)
-        meta_tmp = root / f".tmp_{os.getpid()}_{INDEX_META}"
-        meta_tmp.write_text(json.dumps({"format": FORMAT, "shards": signature}, indent=1))
-        os.replace(meta_tmp, root / INDEX_META)
-    return index
-
-
-def _write_index_csv(path: Path, index: PairIndex) -> None:
-    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")  # several processes may build it at once
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["global_id", "shard", "row", "height", "width", "votes_chosen", "votes_rejected"])
-        for i in range(len(index)):
-            writer.writerow(
-                [
-                    i,
-                    index.shards[index.shard_id[i]].name,
-                    index.row[i],
-                    index.height[i],
-                    index.width[i],
-                    index.votes_chosen[i],
-                    index.votes_rejected[i],
-                ]
-            )
-    os.replace(tmp, path)
-
-
-def _read_index_csv(path: Path, shards: list[Path]) -> PairIndex:
-    ids = {p.name: i for i, p in enumerate(shards)}
-    cols: dict[str, list[int]] = {k: [] for k in ("shard_id", "row", "height", "width", "vc", "vr")}
-    with path.open(newline="") as fh:
-        for rec in csv.DictReader(fh):
-            cols["shard_id"].append(ids[rec["shard"]])
-            cols["row"].append(int(rec["row"]))
-            cols["height"].append(int(rec["height"]))
-            cols["width"].append(int(rec["width"]))
-            cols["vc"].append(int(rec["votes_chosen"]))
-            cols["vr"].append(int(rec["votes_rejected"]))
-    return PairIndex(
-        shards,
-        *(np.asarray(cols[k], dtype=np.int64) for k in ("shard_id", "row", "height", "width", "vc", "vr")),
-    )
-
+__all__ = [
+    "FORMAT", "INDEX_FILE", "INDEX_META", "BucketBatchSampler", "PairBatch", "PairDataset", "PairIndex", "PairRecord",
+    "build_index", "latent_from_bytes", "latent_to_bytes", "list_shards", "min_votes_filter", "write_shard",
+]
 
 # ----------------------------------------------------------------------------------------------
 # Dataset
@@ -448,6 +172,11 @@ class BucketBatchSampler:
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.num_processes
+
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs consumed so far (fractional)."""
+        return self.epoch + self.position / max(1, self.batches_per_epoch())
 
     def batches_per_epoch(self) -> int:
         return sum(len(v) // self.global_batch for v in self.index.buckets().values())

@@ -1,6 +1,6 @@
 """Pairwise preference accuracy of a latent reward model (the paper's protocol), reports and plots.
 
-Protocol (dina_lrm.md 4.5): every image is noised at sigma ~= u with its own noise draw (seeded),
+Protocol (as the released evaluation): every image is noised at sigma ~= u with its own noise draw (seeded),
 scored; a pair counts as correct when the score order agrees with the human order. Ties -- equal
 scores OR equal human ranks -- count as wrong but stay in the denominator. Accuracy is reported per
 u in {0.2, ..., 0.8} and for the multi-noise ensemble {0.2, 0.5, 0.7}; scores may be averaged over
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dinalrm_align.reward_model.model import LatentRewardModel
+    from dinalrm_align.backbones.conditioning import TextConditioning
     from dinalrm_align.rm_training.data import PairDataset
 
 #: Noise levels of the accuracy-vs-noise protocol and the default ensemble.
@@ -28,8 +28,8 @@ DEFAULT_US: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 DEFAULT_ENSEMBLE: tuple[float, ...] = (0.2, 0.5, 0.7)
 ENSEMBLE_KEY = "ensemble"
 
-#: ``encode(prompts) -> (prompt_embeds (B, 77 + L, D), pooled (B, P))``.
-EncodeFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+#: ``encode(prompts) -> TextConditioning`` (the reward model's family's text stack).
+EncodeFn = Callable[[list[str]], "TextConditioning"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,10 +122,9 @@ def _generator(seed: int, level: int, batch: int) -> torch.Generator:
 
 @torch.no_grad()
 def score_latents(
-    rm: LatentRewardModel,
+    rm: Any,
     latents: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    pooled: torch.Tensor,
+    cond: TextConditioning,
     level: str,
     settings: EvalSettings,
     generator: torch.Generator,
@@ -137,16 +136,14 @@ def score_latents(
     b = latents.shape[0]
     if noise is None:
         noise = torch.randn((settings.n_noise, *latents.shape), generator=generator)
-    latents, prompt_embeds, pooled = latents.to(device), prompt_embeds.to(device), pooled.to(device)
+    latents, cond = latents.to(device), cond.to(device)
     total = torch.zeros(b, dtype=torch.float32, device=device)
     for k in range(settings.n_noise):
         eps = noise[k].to(device=device, dtype=latents.dtype)
         if level == ENSEMBLE_KEY:
-            raw = rm.score_ensemble(
-                latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, us=settings.ensemble, noise=eps
-            )
+            raw = rm.score_ensemble(latents, prompt_embeds=cond, us=settings.ensemble, noise=eps)
         else:
-            raw = rm.score(latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, u=float(level), noise=eps)
+            raw = rm.score_conditioning(latents, cond, u=float(level), noise=eps)
         total += raw.float()
     return (total / settings.n_noise).cpu()
 
@@ -184,44 +181,61 @@ class PairScores:
         return out
 
 
+def _score_batch(rm: Any, dataset: PairDataset, encode: EncodeFn, settings: EvalSettings, bi: int,
+                 members: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
+    batch = dataset.batch(members)
+    cond = encode(batch.prompts)
+    out_c, out_r = {}, {}
+    for li, level in enumerate(settings.levels()):
+        g = _generator(settings.seed, li, bi)
+        shape = (settings.n_noise, *batch.chosen.shape)
+        noise_c = torch.randn(shape, generator=g)
+        noise_r = noise_c if settings.shared_noise else torch.randn(shape, generator=g)
+        out_c[level] = score_latents(rm, batch.chosen, cond, level, settings, g, noise_c).numpy()
+        out_r[level] = score_latents(rm, batch.rejected, cond, level, settings, g, noise_r).numpy()
+    return out_c, out_r, list(batch.prompts)
+
+
 def score_pairs(
-    rm: LatentRewardModel,
+    rm: Any,
     dataset: PairDataset,
     encode: EncodeFn,
     settings: EvalSettings,
     positions: Sequence[int] | np.ndarray | None = None,
     progress: bool = False,
+    accelerator: Any = None,
 ) -> PairScores:
-    """Score every pair (chosen and rejected) at every level of ``settings``, deterministically."""
+    """Score every pair (chosen and rejected) at every level of ``settings``, deterministically.
+
+    With a multi-process ``accelerator`` the batches are split over processes (every process runs the
+    same number of forwards, so sharded models stay in lock-step) and the scores are gathered; every
+    process returns the complete result.
+    """
     from tqdm.auto import tqdm
 
     positions = np.arange(len(dataset)) if positions is None else np.asarray(positions, dtype=np.int64)
     if positions.size == 0:
         raise ValueError("no pairs to evaluate")
-    levels = settings.levels()
-    order = np.concatenate(_bucket_batches(dataset, positions, settings.batch_size))
-    out_c = {k: np.zeros(len(order)) for k in levels}
-    out_r = {k: np.zeros(len(order)) for k in levels}
-    prompts_all: list[str] = []
-    start = 0
     batches = _bucket_batches(dataset, positions, settings.batch_size)
-    for bi, members in enumerate(tqdm(batches, desc="eval pairs", disable=not progress, leave=False)):
-        batch = dataset.batch(members)
-        pe, pooled = encode(batch.prompts)
-        prompts_all += batch.prompts
-        n = len(batch)
-        for li, level in enumerate(levels):
-            g = _generator(settings.seed, li, bi)
-            shape = (settings.n_noise, *batch.chosen.shape)
-            noise_c = torch.randn(shape, generator=g)
-            noise_r = noise_c if settings.shared_noise else torch.randn(shape, generator=g)
-            out_c[level][start : start + n] = score_latents(
-                rm, batch.chosen, pe, pooled, level, settings, g, noise_c
-            ).numpy()
-            out_r[level][start : start + n] = score_latents(
-                rm, batch.rejected, pe, pooled, level, settings, g, noise_r
-            ).numpy()
-        start += n
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    mine = list(range(rank, len(batches), world))
+    rounds = -(-len(batches) // world)
+    results: list[tuple[int, Any]] = []
+    for r in tqdm(range(rounds), desc="eval pairs", disable=not progress, leave=False):
+        bi = mine[r] if r < len(mine) else (mine[-1] if mine else 0)  # padding round: same forwards on all
+        out = _score_batch(rm, dataset, encode, settings, bi, batches[bi])
+        if r < len(mine):
+            results.append((bi, out))
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        results = gather_object(results)
+    results.sort(key=lambda item: item[0])
+    levels = settings.levels()
+    out_c = {k: np.concatenate([o[0][k] for _, o in results]) for k in levels}
+    out_r = {k: np.concatenate([o[1][k] for _, o in results]) for k in levels}
+    prompts_all = [p for _, o in results for p in o[2]]
+    order = np.concatenate([batches[bi] for bi, _ in results])
     idx = dataset.index
     return PairScores(out_c, out_r, idx.votes_chosen[order].copy(), idx.votes_rejected[order].copy(), prompts_all)
 
@@ -275,16 +289,16 @@ def load_ranked_sets(path: str | os.PathLike, pipe: Any, *, seed: int = 0) -> li
 
 
 def evaluate_ranked_sets(
-    rm: LatentRewardModel, sets: Sequence[RankedSet], encode: EncodeFn, settings: EvalSettings
+    rm: Any, sets: Sequence[RankedSet], encode: EncodeFn, settings: EvalSettings
 ) -> dict[str, dict[str, float]]:
     """Per level: ``{"accuracy", "correct", "total"}`` pooled over all sets (ties count as wrong)."""
     levels = settings.levels()
     counts = {k: [0, 0] for k in levels}
     for si, ranked in enumerate(sets):
-        pe, pooled = encode([ranked.prompt] * ranked.latents.shape[0])
+        cond = encode([ranked.prompt] * ranked.latents.shape[0])
         for li, level in enumerate(levels):
             g = _generator(settings.seed, li, si)
-            scores = score_latents(rm, ranked.latents, pe, pooled, level, settings, g).numpy()
+            scores = score_latents(rm, ranked.latents, cond, level, settings, g).numpy()
             c, t = ranked_pair_counts(scores, ranked.ranks)
             counts[level][0] += c
             counts[level][1] += t

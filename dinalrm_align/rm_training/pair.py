@@ -8,15 +8,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
 
+from dinalrm_align.backbones.conditioning import TextConditioning
 from dinalrm_align.reward_model.noise import add_noise
-
-if TYPE_CHECKING:  # pragma: no cover
-    from dinalrm_align.reward_model.model import LatentRewardModel
 
 
 def noisy_pair(
@@ -35,13 +33,13 @@ def noisy_pair(
 
 
 class PairScorer(nn.Module):
-    """``forward(chosen, rejected, sigma, noise, prompt_embeds, pooled) -> (r_pos, r_neg)``, each (B,).
+    """``forward(chosen, rejected, sigma, noise, cond) -> (r_pos, r_neg)``, each (B,).
 
     ``sigma`` must already be table sigmas (``rm.sigma_for(u)[0]``). With ``add_noise`` false in the
     model config the clean latents are scored at the sigma's timestep (the reference option).
     """
 
-    def __init__(self, reward_model: LatentRewardModel) -> None:
+    def __init__(self, reward_model: Any) -> None:
         super().__init__()
         self.reward_model = reward_model
 
@@ -51,8 +49,7 @@ class PairScorer(nn.Module):
         rejected: torch.Tensor,
         sigma: torch.Tensor,
         noise: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
+        cond: TextConditioning,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rm = self.reward_model
         if rm.config.add_noise:
@@ -61,10 +58,5 @@ class PairScorer(nn.Module):
             x_pos, x_neg = chosen, rejected
         b = chosen.shape[0]
         sigma = sigma.reshape(-1).to(chosen.device)
-        raw = rm.forward_noisy(
-            torch.cat([x_pos, x_neg]),
-            torch.cat([sigma, sigma]),
-            prompt_embeds=torch.cat([prompt_embeds, prompt_embeds]),
-            pooled_prompt_embeds=torch.cat([pooled_prompt_embeds, pooled_prompt_embeds]),
-        )
+        raw = rm.forward_noisy(torch.cat([x_pos, x_neg]), torch.cat([sigma, sigma]), prompt_embeds=cond.repeat(2))
         return raw[:b], raw[b:]

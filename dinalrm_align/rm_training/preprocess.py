@@ -1,281 +1,72 @@
 """Preference images on disk -> latent pair shards (``dinalrm-align preprocess``).
 
-Steps (dina_lrm.md 4.1): read the pairs; drop pairs with an image smaller than ``min_size`` on a
-side; assign both images to an aspect-ratio bucket (``|log AR_bucket - log AR_img| <= 0.03``, then
-the closest log-area); pairs split over two buckets share one when their aspect ratios differ by
-< 5 % (the smaller image is upscaled to the larger's long edge, the element-wise min of the two
-sizes is re-bucketed), otherwise they are dropped; Lanczos resize to the bucket, [-1, 1], VAE
-posterior sample, ``(z - shift) * scale``; write parquet shards (:mod:`.data`).
+Steps: read the pairs (:mod:`.pair_sources`); read both image headers; drop
+pairs with an image smaller than ``min_size`` on a side; assign a shared aspect-ratio bucket
+(:mod:`.buckets`); Lanczos resize to the bucket, [-1, 1], VAE posterior sample,
+``(z - shift) * scale`` (:mod:`.latent_encoding`); write parquet shards (:mod:`.data`).
 
-Input layouts:
+Bad images never stop the run: every read happens in a reader process with a time limit
+(:mod:`.image_workers`); a missing file drops its pair (``dropped.jsonl``), an unreadable,
+truncated, too large (``max_pixels``) or timed-out image skips its pair with a warning
+(``skipped.jsonl``: one line per pair naming the image and the reason). ``summary.json`` counts both.
 
-- ``jsonl``: one object per line ``{"prompt", "chosen_path", "rejected_path"}`` with optional
-  ``votes_chosen`` / ``votes_rejected``; relative paths are resolved against ``image_root``
-  (default: the jsonl's folder).
-- ``hpdv3``: HPDv3's ``train.json`` / ``test.json`` (a JSON list or jsonl) with ``prompt``,
-  ``path1``, ``path2`` and optional ``choice_dist`` = [votes for path1, votes for path2]. ``path1``
-  is taken as the preferred image unless ``choice_dist`` says otherwise (then the pair is swapped).
-- ``pickapic``: Pick-a-Pic parquet files (one file or a folder) with ``caption``, ``jpg_0``,
-  ``jpg_1`` (encoded image bytes) and ``label_0`` / ``label_1`` (1 = preferred; 0.5 each = tie, dropped).
-
-Resumable: shards are numbered by their position in the (deterministic) plan; a shard file that
-already exists is skipped. Several processes (``accelerate launch``) split the shards round-robin.
-Every process encodes with its own accelerator device. A ``summary.json`` lists kept and
-dropped pairs per reason; ``dropped.jsonl`` names every dropped pair.
+Resumable: shards are numbered by their position in the (deterministic) plan; a shard that is
+complete (``shard_status/part_XXXXX.json`` + its parquet file) is not encoded again. The first run
+stores what determines the output in ``preprocess_params.json`` (input, layout, VAE, dtype,
+buckets, sizes, seed, and a fingerprint of the planned pairs); a later run into the same folder
+with anything different is refused instead of mixing shards. Shards are written to a temp folder
+and renamed into place when complete; the temp folder is removed when a run fails, and left-overs
+of a killed run are removed at the next start. One run per output folder at a time; several
+processes of one run (``accelerate launch``) split the shards round-robin.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
-import math
 import os
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from dinalrm_align.rm_training.data import PairRecord, write_shard
-
-#: Aspect-ratio buckets of DiNa-LRM's training data as (height, width) in pixels (all divisible by 32).
-SD3_BUCKETS: tuple[tuple[int, int], ...] = (
-    (256, 256),
-    (512, 512),
-    (1024, 1024),
-    (1248, 832),
-    (1344, 896),
-    (832, 1248),
-    (896, 1344),
-    (1024, 768),
-    (768, 1024),
-    (1472, 832),
-    (832, 1472),
-    (1152, 832),
-    (832, 1152),
+from dinalrm_align.atomic import write_atomic
+from dinalrm_align.rm_training.buckets import (
+    SD3_BUCKETS,
+    assign_bucket,
+    pair_bucket,
+    parse_buckets,
+    scale_buckets,
 )
-AR_TOLERANCE = 0.03
-PAIR_AR_TOLERANCE = 0.05
-LAYOUTS: tuple[str, ...] = ("jsonl", "hpdv3", "pickapic")
+from dinalrm_align.rm_training.data import write_shard
+from dinalrm_align.rm_training.image_io import DEFAULT_MAX_PIXELS, ImageFault
+from dinalrm_align.rm_training.image_workers import ImageReaders
+from dinalrm_align.rm_training.latent_encoding import (
+    SIDES,
+    PlannedPair,
+    encode_shard,
+    load_pixels,
+    load_vae,
+    skip_record,
+)
+from dinalrm_align.rm_training.pair_sources import LAYOUTS, PairInput, read_pairs
 
+__all__ = [
+    "LAYOUTS", "SD3_BUCKETS", "PairInput", "Plan", "PlannedPair", "PreprocessOptions", "assign_bucket",
+    "encode_shard", "format_summary", "load_pixels", "pair_bucket", "parse_buckets", "plan_pairs",
+    "preprocess", "read_pairs", "scale_buckets",
+]
 
-# ----------------------------------------------------------------------------------------------
-# Buckets (pure)
-# ----------------------------------------------------------------------------------------------
-
-
-def parse_buckets(spec: str) -> list[tuple[int, int]]:
-    """``"256x256,1248x832"`` (HxW) -> ``[(256, 256), (1248, 832)]``."""
-    out = []
-    for item in spec.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        try:
-            h, w = (int(v) for v in item.split("x"))
-        except ValueError as exc:
-            raise ValueError(f"bucket {item!r} must look like HEIGHTxWIDTH, e.g. 1248x832") from exc
-        if h <= 0 or w <= 0:
-            raise ValueError(f"bucket {item!r} must have positive sides")
-        out.append((h, w))
-    if not out:
-        raise ValueError(f"no buckets in {spec!r}")
-    return out
-
-
-def scale_buckets(buckets: Sequence[tuple[int, int]], scale: float, multiple: int = 1) -> list[tuple[int, int]]:
-    """Scale every bucket by ``scale`` and round to a multiple of ``multiple`` (e.g. for tiny VAEs)."""
-    out = []
-    for h, w in buckets:
-        sh = max(multiple, int(round(h * scale / multiple)) * multiple)
-        sw = max(multiple, int(round(w * scale / multiple)) * multiple)
-        if (sh, sw) not in out:
-            out.append((sh, sw))
-    return out
-
-
-def assign_bucket(
-    height: int, width: int, buckets: Sequence[tuple[int, int]], tolerance: float = AR_TOLERANCE
-) -> tuple[int, int] | None:
-    """Bucket of an image: aspect ratio within ``tolerance`` (log space), then the closest log-area."""
-    if height <= 0 or width <= 0:
-        return None
-    log_ar = math.log(width / height)
-    log_area = math.log(width * height)
-    candidates = [b for b in buckets if abs(math.log(b[1] / b[0]) - log_ar) <= tolerance]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda b: abs(math.log(b[0] * b[1]) - log_area))
-
-
-def pair_bucket(
-    size_a: tuple[int, int],
-    size_b: tuple[int, int],
-    buckets: Sequence[tuple[int, int]],
-    tolerance: float = AR_TOLERANCE,
-    pair_tolerance: float = PAIR_AR_TOLERANCE,
-) -> tuple[tuple[int, int] | None, str]:
-    """Shared bucket of a pair of image sizes ``(height, width)`` -> ``(bucket, "")`` or ``(None, reason)``.
-
-    Reasons: ``no_bucket`` (an image fits no bucket), ``bucket_mismatch`` (different buckets and no
-    shared one).
-    """
-    ba = assign_bucket(*size_a, buckets, tolerance)
-    bb = assign_bucket(*size_b, buckets, tolerance)
-    if ba is None or bb is None:
-        return None, "no_bucket"
-    if ba == bb:
-        return ba, ""
-    ar_a, ar_b = size_a[1] / size_a[0], size_b[1] / size_b[0]
-    if abs(ar_a / ar_b - 1.0) >= pair_tolerance:
-        return None, "bucket_mismatch"
-    large, small = (size_a, size_b) if size_a[0] * size_a[1] >= size_b[0] * size_b[1] else (size_b, size_a)
-    factor = max(large) / max(small)
-    scaled = (small[0] * factor, small[1] * factor)
-    shared = (int(round(min(large[0], scaled[0]))), int(round(min(large[1], scaled[1]))))
-    bucket = assign_bucket(*shared, buckets, tolerance)
-    return (bucket, "") if bucket is not None else (None, "bucket_mismatch")
-
-
-# ----------------------------------------------------------------------------------------------
-# Inputs
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PairInput:
-    """One input pair: images are paths or encoded bytes."""
-
-    id: str
-    prompt: str
-    chosen: str | bytes
-    rejected: str | bytes
-    votes_chosen: int | None = None
-    votes_rejected: int | None = None
-    drop_reason: str = ""
-
-
-def _resolve(path: str, root: Path) -> str:
-    return path if os.path.isabs(path) else str(root / path)
-
-
-def _read_json_rows(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number} is not valid JSON: {exc}") from exc
-    if not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: every entry must be a JSON object")
-    return rows
-
-
-def _require(row: dict[str, Any], keys: Sequence[str], where: str) -> None:
-    missing = [k for k in keys if k not in row]
-    if missing:
-        raise ValueError(f"{where} lacks field(s) {missing}; it has {sorted(row)}")
-
-
-def read_pairs(source: str | os.PathLike, layout: str = "jsonl", image_root: str | None = None) -> list[PairInput]:
-    """Read the input pairs of ``source`` in ``layout`` (see the module docstring)."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"preference data not found: {path}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; valid layouts: {', '.join(LAYOUTS)}")
-    if layout == "pickapic":
-        return _read_pickapic(path)
-    root = Path(image_root) if image_root else path.parent
-    pairs = []
-    for i, row in enumerate(_read_json_rows(path)):
-        where = f"{path} entry {i}"
-        if layout == "jsonl":
-            _require(row, ("prompt", "chosen_path", "rejected_path"), where)
-            pairs.append(
-                PairInput(
-                    str(row.get("id", i)),
-                    str(row["prompt"]),
-                    _resolve(row["chosen_path"], root),
-                    _resolve(row["rejected_path"], root),
-                    row.get("votes_chosen"),
-                    row.get("votes_rejected"),
-                )
-            )
-        else:  # hpdv3
-            _require(row, ("prompt", "path1", "path2"), where)
-            chosen, rejected = _resolve(row["path1"], root), _resolve(row["path2"], root)
-            votes = row.get("choice_dist")
-            vc = vr = None
-            if isinstance(votes, (list, tuple)) and len(votes) == 2:
-                vc, vr = int(votes[0]), int(votes[1])
-                if vr > vc:
-                    chosen, rejected, vc, vr = rejected, chosen, vr, vc
-            pairs.append(PairInput(str(row.get("id", i)), str(row["prompt"]), chosen, rejected, vc, vr))
-    return pairs
-
-
-def _read_pickapic(path: Path) -> list[PairInput]:
-    import pyarrow.parquet as pq
-
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    if not files:
-        raise FileNotFoundError(f"no .parquet files in {path}")
-    pairs = []
-    for f in files:
-        table = pq.read_table(f)
-        names = set(table.column_names)
-        missing = [k for k in ("caption", "jpg_0", "jpg_1", "label_0", "label_1") if k not in names]
-        if missing:
-            raise ValueError(f"{f} lacks Pick-a-Pic column(s) {missing}; it has {sorted(names)}")
-        for i, row in enumerate(table.to_pylist()):
-            pid = f"{f.name}:{i}"
-            l0, l1 = float(row["label_0"]), float(row["label_1"])
-            if l0 == l1:
-                pairs.append(PairInput(pid, row["caption"] or "", row["jpg_0"], row["jpg_1"], drop_reason="tie"))
-            elif l0 > l1:
-                pairs.append(PairInput(pid, row["caption"] or "", row["jpg_0"], row["jpg_1"]))
-            else:
-                pairs.append(PairInput(pid, row["caption"] or "", row["jpg_1"], row["jpg_0"]))
-    return pairs
-
-
-def _open_image(ref: str | bytes) -> Any:
-    from PIL import Image
-
-    return Image.open(io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else ref)
-
-
-def image_size(ref: str | bytes) -> tuple[int, int]:
-    """``(height, width)`` from the header only. FileNotFoundError / ValueError when unreadable."""
-    if isinstance(ref, str) and not os.path.isfile(ref):
-        raise FileNotFoundError(ref)
-    try:
-        with _open_image(ref) as img:
-            w, h = img.size
-    except OSError as exc:
-        raise ValueError(f"unreadable image: {exc}") from exc
-    return h, w
-
-
-def load_pixels(ref: str | bytes, bucket: tuple[int, int]) -> torch.Tensor:
-    """RGB image -> Lanczos resize to ``bucket`` (H, W) -> float (3, H, W) in [-1, 1]."""
-    from PIL import Image
-
-    with _open_image(ref) as img:
-        rgb = img.convert("RGB").resize((bucket[1], bucket[0]), Image.Resampling.LANCZOS)
-        array = np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+PARAMS_FILE = "preprocess_params.json"
+PARAMS_FORMAT = "dinalrm-align/preprocess-v1"
+STATUS_DIR = "shard_status"
+TMP_PREFIX = ".preprocess-tmp-"
+_HINTS = {"buckets": "buckets (--buckets / --bucket-scale / --bucket-multiple)"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,17 +75,12 @@ def load_pixels(ref: str | bytes, bucket: tuple[int, int]) -> torch.Tensor:
 
 
 @dataclass
-class PlannedPair:
-    pair: PairInput
-    bucket: tuple[int, int]
-
-
-@dataclass
 class Plan:
-    """Kept pairs (in shard order) and the dropped ones with reasons."""
+    """Kept pairs (in shard order), dropped ones ``(id, reason)`` and skipped ones (bad images)."""
 
     kept: list[PlannedPair] = field(default_factory=list)
-    dropped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     def reasons(self) -> dict[str, int]:
         return dict(Counter(reason for _, reason in self.dropped))
@@ -302,41 +88,59 @@ class Plan:
     def buckets(self) -> dict[str, int]:
         return dict(Counter(f"{p.bucket[0]}x{p.bucket[1]}" for p in self.kept))
 
+    def fingerprint(self) -> str:
+        """sha256 of the kept pairs in order (ids, prompts, images, votes, buckets); image bytes hashed."""
+        h = hashlib.sha256()
+        for p in self.kept:
+            refs = [r if isinstance(r, str) else hashlib.sha256(r).hexdigest() for r in (p.pair.chosen, p.pair.rejected)]
+            row = [p.pair.id, p.pair.prompt, *refs, p.pair.votes_chosen, p.pair.votes_rejected, *p.bucket]
+            h.update(json.dumps(row).encode() + b"\n")
+        return h.hexdigest()
+
 
 def plan_pairs(
     pairs: Sequence[PairInput],
     buckets: Sequence[tuple[int, int]],
     min_size: int = 256,
     progress: bool = False,
+    readers: ImageReaders | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Plan:
-    """Decide for every pair: keep (with its bucket) or drop (``tie``, ``empty_prompt``,
-    ``missing_file``, ``unreadable``, ``too_small``, ``no_bucket``, ``bucket_mismatch``)."""
+    """Keep (with its bucket), drop (``tie``, ``empty_prompt``, ``missing_file``, ``too_small``,
+    ``no_bucket``, ``bucket_mismatch``) or skip (an image ``unreadable``, ``truncated``, ``too_large``
+    or ``timeout`` when reading its header) every pair. Headers are read by ``readers`` (default: here)."""
     from tqdm.auto import tqdm
 
+    readers = readers if readers is not None else ImageReaders(workers=0, timeout=None, max_pixels=max_pixels)
     plan = Plan()
-    for pair in tqdm(pairs, desc="planning", disable=not progress, leave=False):
+    todo = []
+    for pair in pairs:
         if pair.drop_reason:
             plan.dropped.append((pair.id, pair.drop_reason))
-            continue
-        if not pair.prompt.strip():
+        elif not pair.prompt.strip():
             plan.dropped.append((pair.id, "empty_prompt"))
-            continue
-        try:
-            sizes = [image_size(pair.chosen), image_size(pair.rejected)]
-        except FileNotFoundError:
-            plan.dropped.append((pair.id, "missing_file"))
-            continue
-        except ValueError:
-            plan.dropped.append((pair.id, "unreadable"))
-            continue
-        if any(min(s) < min_size for s in sizes):
-            plan.dropped.append((pair.id, "too_small"))
-            continue
-        bucket, reason = pair_bucket(sizes[0], sizes[1], buckets)
-        if bucket is None:
-            plan.dropped.append((pair.id, reason))
         else:
-            plan.kept.append(PlannedPair(pair, bucket))
+            todo.append(pair)
+    bar = tqdm(total=len(todo), desc="reading image headers", disable=not progress, leave=False)
+    for block in chunk(todo, 1024):
+        sizes = readers.sizes([getattr(pair, side) for pair in block for side in SIDES])
+        for k, pair in enumerate(block):
+            got = sizes[2 * k : 2 * k + 2]
+            faults = [(s, f) for s, f in zip(SIDES, got) if isinstance(f, ImageFault)]
+            if any(f.reason == "missing_file" for _, f in faults):
+                plan.dropped.append((pair.id, "missing_file"))
+            elif faults:
+                plan.skipped.append(skip_record(pair, faults, "header"))
+            elif any(min(s) < min_size for s in got):
+                plan.dropped.append((pair.id, "too_small"))
+            else:
+                bucket, reason = pair_bucket(got[0], got[1], buckets)
+                if bucket is None:
+                    plan.dropped.append((pair.id, reason))
+                else:
+                    plan.kept.append(PlannedPair(pair, bucket))
+        bar.update(len(block))
+    bar.close()
     return plan
 
 
@@ -350,76 +154,18 @@ def chunk(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoding
+# Options, stored parameters, files
 # ----------------------------------------------------------------------------------------------
-
-
-def load_vae(spec: str, dtype: torch.dtype = torch.float32) -> Any:
-    """The SD3 VAE of ``spec``: ``tiny`` / ``tiny:SEED`` (offline tiny pipeline), a pipeline folder or
-    hub id (``vae`` subfolder), or a VAE folder."""
-    if spec == "tiny" or spec.startswith("tiny:"):
-        from dinalrm_align.testing import tiny_sd3_pipeline
-
-        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
-        vae = tiny_sd3_pipeline(seed).vae
-        return vae if dtype == torch.float32 else vae.to(dtype)
-    from diffusers import AutoencoderKL
-
-    path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file() and not (path / "vae").is_dir():
-        return AutoencoderKL.from_pretrained(spec, torch_dtype=dtype).eval()
-    return AutoencoderKL.from_pretrained(spec, subfolder="vae", torch_dtype=dtype).eval()
-
-
-@torch.no_grad()
-def encode_pixels(vae: Any, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> SD3-normalised latents (B, C, h, w) float32 (posterior sample)."""
-    param = next(vae.parameters())
-    dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
-    eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(param.device, dist.mean.dtype)
-    z = dist.mean + dist.std * eps
-    shift = vae.config.shift_factor or 0.0
-    return ((z - shift) * vae.config.scaling_factor).float().cpu()
-
-
-def encode_shard(
-    vae: Any, items: Sequence[PlannedPair], batch_size: int, seed: int, source: str
-) -> list[PairRecord]:
-    """Encode one shard's pairs (images batched per bucket); deterministic given ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    latents: dict[int, list[np.ndarray]] = {}
-    by_bucket: dict[tuple[int, int], list[int]] = {}
-    for i, item in enumerate(items):
-        by_bucket.setdefault(item.bucket, []).append(i)
-    for bucket, members in sorted(by_bucket.items()):
-        refs = [(i, side) for i in members for side in ("chosen", "rejected")]
-        for part in chunk(refs, batch_size):
-            pixels = torch.stack([load_pixels(getattr(items[i].pair, side), bucket) for i, side in part])
-            for (i, _), z in zip(part, encode_pixels(vae, pixels, g)):
-                latents.setdefault(i, []).append(z.numpy())
-    records = []
-    for i, item in enumerate(items):
-        p = item.pair
-        records.append(
-            PairRecord(
-                prompt=p.prompt,
-                chosen=latents[i][0],
-                rejected=latents[i][1],
-                votes_chosen=p.votes_chosen,
-                votes_rejected=p.votes_rejected,
-                height=item.bucket[0],
-                width=item.bucket[1],
-                chosen_path=p.chosen if isinstance(p.chosen, str) else None,
-                rejected_path=p.rejected if isinstance(p.rejected, str) else None,
-                source=source,
-            )
-        )
-    return records
 
 
 @dataclass
 class PreprocessOptions:
-    """Options of :func:`preprocess` (the CLI flags)."""
+    """Options of :func:`preprocess` (the CLI flags).
+
+    ``image_timeout``: seconds one image read may take before its reader process is killed and the
+    pair skipped (``None`` / 0: no limit). ``decode_workers``: reader processes per process of the
+    run (0: read in this process, no time limit). ``max_pixels``: larger images are skipped.
+    """
 
     source: str
     output: str
@@ -433,14 +179,116 @@ class PreprocessOptions:
     seed: int = 0
     dtype: str = "fp32"
     progress: bool = True
+    image_timeout: float | None = 60.0
+    decode_workers: int = 2
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def run_params(options: PreprocessOptions) -> dict[str, Any]:
+    """Everything that determines the shards' content (not the number of processes or readers)."""
+    return {
+        "source": str(Path(options.source).resolve()),
+        "layout": options.layout,
+        "image_root": str(Path(options.image_root).resolve()) if options.image_root else None,
+        "vae": options.vae,
+        "dtype": options.dtype,
+        "buckets": [f"{h}x{w}" for h, w in options.buckets],
+        "min_size": options.min_size,
+        "max_pixels": options.max_pixels,
+        "shard_size": options.shard_size,
+        "batch_size": options.batch_size,
+        "seed": options.seed,
+    }
+
+
+def check_params(out: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The parameters stored in ``out`` (``None`` for a fresh folder); ValueError when they differ
+    from ``params`` (keys present in both) or when ``out`` holds shards of an unknown run."""
+    file = out / PARAMS_FILE
+    if not file.is_file():
+        if any(out.glob("part_*.parquet")):
+            raise ValueError(
+                f"{out} already holds part_*.parquet shards but no {PARAMS_FILE} (another tool or an older "
+                "version wrote them): resuming could mix different data; use a new --out folder"
+            )
+        return None
+    try:
+        stored = json.loads(file.read_text())["params"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{file} is damaged ({exc}); use a new --out folder") from exc
+    differing = [k for k in params if k in stored and stored[k] != params[k]]
+    if differing:
+        k = differing[0]
+        more = f" (also differing: {', '.join(differing[1:])})" if differing[1:] else ""
+        if k == "plan":
+            what = (
+                f"the input pairs changed since the first run ({stored[k].get('kept_pairs')} pairs planned then, "
+                f"{params[k]['kept_pairs']} now, different fingerprint: the input changed, or an image skipped "
+                "then reads now or the other way round)"
+            )
+        else:
+            what = f"it was written with {_HINTS.get(k, k)} = {json.dumps(stored[k])}, this run has {json.dumps(params[k])}"
+        raise ValueError(
+            f"cannot resume in {out}: {what}{more}; rerun with the earlier value or use a new --out folder"
+        )
+    return stored
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temp files of killed runs: this module's temp folders/files and ``.tmp_*`` shards of :func:`write_shard`."""
+    for path in [*out.glob(f"{TMP_PREFIX}*"), *out.glob(".tmp_*.parquet"), *(out / STATUS_DIR).glob(f"{TMP_PREFIX}*")]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _read_status(out: Path, i: int) -> dict[str, Any] | None:
+    """The status of a complete shard, ``None`` if shard ``i`` still has to be encoded."""
+    try:
+        status = json.loads((out / STATUS_DIR / f"{Path(shard_name(i)).stem}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return status if status.get("rows") == 0 or (out / shard_name(i)).is_file() else None
+
+
+def _encode_shards(options: PreprocessOptions, shards: list, todo: list[int], out: Path, accelerator: Any) -> None:
+    """Encode and write the shards ``todo`` (this process), each through a temp folder."""
+    from tqdm.auto import tqdm
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[options.dtype]
+    vae = load_vae(options.vae, dtype).to(accelerator.device)
+    bar = tqdm(
+        total=sum(len(shards[i]) for i in todo), desc=f"encoding (rank {accelerator.process_index})",
+        unit="pair", disable=not options.progress,
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{accelerator.process_index}-", dir=out))
+    try:
+        with ImageReaders(options.decode_workers, options.image_timeout, options.max_pixels) as readers:
+            for i in todo:
+                seed = options.seed * 1_000_003 + i
+                records, skipped = encode_shard(vae, shards[i], options.batch_size, seed, options.layout, readers)
+                if records:  # complete shard -> renamed into place, then its status marks it done
+                    os.replace(write_shard(tmp / shard_name(i), records), out / shard_name(i))
+                status = {"shard": i, "rows": len(records), "skipped": skipped,
+                          "buckets": dict(Counter(f"{r.height}x{r.width}" for r in records))}
+                write_atomic(out / STATUS_DIR / f"{Path(shard_name(i)).stem}.json", json.dumps(status))
+                bar.update(len(shards[i]))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Run
+# ----------------------------------------------------------------------------------------------
 
 
 def preprocess(options: PreprocessOptions, accelerator: Any = None) -> dict[str, Any]:
     """Run the whole preprocessing; returns (and writes, main process) the summary."""
-    from tqdm.auto import tqdm
-
     if options.shard_size < 1 or options.batch_size < 1:
         raise ValueError("shard_size and batch_size must be >= 1")
+    if options.decode_workers < 0 or options.max_pixels < 1:
+        raise ValueError("decode_workers must be >= 0 and max_pixels >= 1")
+    if options.decode_workers == 0 and options.image_timeout:
+        raise ValueError("a time limit per image (image_timeout) needs decode_workers >= 1")
     if accelerator is None:
         from accelerate import Accelerator
 
@@ -448,58 +296,69 @@ def preprocess(options: PreprocessOptions, accelerator: Any = None) -> dict[str,
     main = accelerator.is_main_process
     out = Path(options.output)
     out.mkdir(parents=True, exist_ok=True)
+    params = run_params(options)
+    stored = check_params(out, params)
     pairs = read_pairs(options.source, options.layout, options.image_root)
-    plan = plan_pairs(pairs, options.buckets, options.min_size, progress=options.progress and main)
+    with ImageReaders(options.decode_workers, options.image_timeout, options.max_pixels) as readers:
+        plan = plan_pairs(pairs, options.buckets, options.min_size, options.progress and main, readers)
+    params["plan"] = {"kept_pairs": len(plan.kept), "sha256": plan.fingerprint()}
+    check_params(out, params)
+    if main:
+        _remove_leftovers(out)
+        (out / STATUS_DIR).mkdir(exist_ok=True)
+        if stored is None:
+            write_atomic(out / PARAMS_FILE, json.dumps({"format": PARAMS_FORMAT, "params": params}, indent=2))
+    accelerator.wait_for_everyone()
     shards = list(chunk(plan.kept, options.shard_size))
     mine = [i for i in range(len(shards)) if i % accelerator.num_processes == accelerator.process_index]
-    todo = [i for i in mine if not (out / shard_name(i)).is_file()]
-    skipped = len(mine) - len(todo)
+    todo = [i for i in mine if _read_status(out, i) is None]
+    existing = len(mine) - len(todo)
     if todo:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[options.dtype]
-        vae = load_vae(options.vae, dtype).to(accelerator.device)
-        bar = tqdm(
-            total=sum(len(shards[i]) for i in todo), desc=f"encoding (rank {accelerator.process_index})",
-            unit="pair", disable=not options.progress,
-        )
-        for i in todo:
-            records = encode_shard(vae, shards[i], options.batch_size, options.seed * 1_000_003 + i, options.layout)
-            write_shard(out / shard_name(i), records)
-            bar.update(len(records))
-        bar.close()
+        _encode_shards(options, shards, todo, out, accelerator)
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        existing = int(accelerator.reduce(torch.tensor(existing, device=accelerator.device), reduction="sum").item())
+    statuses = [_read_status(out, i) or {"rows": 0, "skipped": [], "buckets": {}} for i in range(len(shards))]
+    skipped = plan.skipped + [s for st in statuses for s in st["skipped"]]
+    per_bucket: Counter = Counter()
+    for st in statuses:
+        per_bucket.update(st["buckets"])
     summary = {
         "source": str(options.source),
         "layout": options.layout,
         "output": str(out),
         "total_pairs": len(pairs),
-        "kept_pairs": len(plan.kept),
+        "kept_pairs": sum(st["rows"] for st in statuses),
         "dropped_pairs": len(plan.dropped),
         "dropped_by_reason": plan.reasons(),
-        "pairs_per_bucket": plan.buckets(),
+        "skipped_pairs": len(skipped),
+        "skipped_by_reason": dict(Counter(s["reason"] for s in skipped)),
+        "pairs_per_bucket": dict(per_bucket),
         "num_shards": len(shards),
-        "shards_skipped_existing": int(
-            accelerator.reduce(torch.tensor(skipped, device=accelerator.device), reduction="sum").item()
-        )
-        if accelerator.num_processes > 1
-        else skipped,
+        "shards_skipped_existing": existing,
         "min_size": options.min_size,
+        "max_pixels": options.max_pixels,
         "buckets": [f"{h}x{w}" for h, w in options.buckets],
     }
     if main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        with (out / "dropped.jsonl").open("w") as fh:
-            for pid, reason in plan.dropped:
-                fh.write(json.dumps({"id": pid, "reason": reason}) + "\n")
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        write_atomic(out / "dropped.jsonl", "".join(json.dumps({"id": i, "reason": r}) + "\n" for i, r in plan.dropped))
+        write_atomic(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
     return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """Human-readable lines for the end of a run."""
     lines = [
-        f"pairs: {summary['total_pairs']} read, {summary['kept_pairs']} kept, {summary['dropped_pairs']} dropped",
+        f"pairs: {summary['total_pairs']} read, {summary['kept_pairs']} kept, {summary['dropped_pairs']} dropped, "
+        f"{summary.get('skipped_pairs', 0)} skipped (bad images)",
     ]
     for reason, count in sorted(summary["dropped_by_reason"].items()):
         lines.append(f"  dropped ({reason}): {count}")
+    for reason, count in sorted(summary.get("skipped_by_reason", {}).items()):
+        lines.append(f"  skipped ({reason}): {count}")
+    if summary.get("skipped_pairs"):
+        lines.append(f"  skipped pairs and why: {Path(summary['output']) / 'skipped.jsonl'}")
     for bucket, count in sorted(summary["pairs_per_bucket"].items()):
         lines.append(f"  bucket {bucket}: {count}")
     lines.append(

@@ -47,24 +47,20 @@ class EvalJob:
 
 
 def load_models(pipeline: str, model: str, device: torch.device) -> tuple[Any, Any]:
-    """``(pipe, rm)``: the SD3 pipeline and the reward model on its transformer, fp32, eval."""
+    """``(pipe, rm)``: the pipeline (any supported family) and the reward model on its transformer, fp32, eval.
+
+    ``model`` may be a tiny id (``tiny[-flux|-zimage][:SEED]``): a random tiny reward model of that family.
+    """
+    from dinalrm_align.reward_model.model import LatentRewardModel
     from dinalrm_align.trainer.config import ModelConfig
-    from dinalrm_align.trainer.policy import load_pipeline, tiny_seed
+    from dinalrm_align.trainer.policy import load_pipeline
 
-    pipe = load_pipeline(ModelConfig(pretrained=pipeline), torch.float32)
-    seed = tiny_seed(model)
-    if seed is not None:
-        from dinalrm_align.testing import tiny_reward_model
-
-        rm = tiny_reward_model(pipe.transformer, seed=seed, scheduler_config=dict(pipe.scheduler.config))
-    else:
-        from dinalrm_align.reward_model.model import LatentRewardModel
-
-        if not Path(model).exists() and model.startswith((".", "/", "~")):
-            raise FileNotFoundError(f"reward model folder not found: {model}")
-        rm = LatentRewardModel.from_pretrained(
-            model, transformer=pipe.transformer, scheduler_config=dict(pipe.scheduler.config), torch_dtype=torch.float32
-        )
+    pipe, _ = load_pipeline(ModelConfig(pretrained=pipeline), torch.float32)
+    if not Path(model).exists() and model.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"reward model folder not found: {model}")
+    rm = LatentRewardModel.from_pretrained(
+        model, transformer=pipe.transformer, scheduler_config=dict(pipe.scheduler.config), torch_dtype=torch.float32
+    )
     pipe.to(device)
     return pipe, rm.to(device).eval()
 
@@ -79,7 +75,8 @@ def calibration_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def run_evaluation(job: EvalJob) -> dict[str, Any]:
     """Score, calibrate, plot; writes ``report.json`` (+ PNGs) into ``job.out`` and returns the report."""
-    from dinalrm_align.reward_model.text import PromptEmbeddingCache, encode_prompts
+    from dinalrm_align.backbones.conditioning import TextConditioning
+    from dinalrm_align.reward_model.text import PromptEmbeddingCache, encode_conditioning
     from dinalrm_align.rm_training.data import PairDataset
 
     device = torch.device(job.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -89,8 +86,9 @@ def run_evaluation(job: EvalJob) -> dict[str, Any]:
     pipe, rm = load_models(job.pipeline, job.model, device)
     cache = PromptEmbeddingCache()
 
-    def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_prompts(pipe, prompts, job.max_sequence_length, device=device, dtype=torch.float32, cache=cache)
+    def encode(prompts: list[str]) -> TextConditioning:
+        return encode_conditioning(pipe, prompts, job.max_sequence_length, device=device, dtype=torch.float32,
+                                   cache=cache)
 
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,9 @@ def build_accelerator(
         micro_batch_size: prompts per process per micro-step (for DeepSpeed's config).
         max_grad_norm: clipping, written into DeepSpeed's config (DeepSpeed clips by itself).
     """
+    from dinalrm_align.logs import quiet_environment
+
+    quiet_environment()
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
@@ -86,8 +89,17 @@ def zero_stage(accelerator: Accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.zero_stage or 0)
 
 
-def planned_zero_stage() -> int:
-    """ZeRO stage announced by ``accelerate launch`` (env), readable before building the Accelerator."""
+def sharding_of(accelerator: Accelerator) -> str:
+    """How the run partitions trainable state: ``none`` (single / DDP), ``zero1``/``zero2``/``zero3``, ``fsdp``."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "fsdp"
+    stage = zero_stage(accelerator)
+    return f"zero{stage}" if stage else "none"
+
+
+def _planned_zero_stage() -> int:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return 0
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
@@ -102,6 +114,14 @@ def planned_zero_stage() -> int:
         except (ValueError, TypeError):
             return 0
     return 0
+
+
+def planned_sharding() -> str:
+    """The sharding ``accelerate launch`` announced (environment), readable before building the Accelerator."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    stage = _planned_zero_stage()
+    return f"zero{stage}" if stage else "none"
 
 
 def _fill_deepspeed_config(
@@ -139,13 +159,13 @@ def no_zero3_init(accelerator: Accelerator) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def gathered_parameters(stage: int, params: Iterable[torch.nn.Parameter], modify: bool = False) -> Iterator[None]:
-    """Make ZeRO-3 partitioned ``params`` whole inside the context (no-op unless ``stage == 3``).
+def gathered_parameters(sharding: str, params: Iterable[torch.nn.Parameter], modify: bool = False) -> Iterator[None]:
+    """Make ZeRO-3 partitioned ``params`` whole inside the context (no-op unless ``sharding == "zero3"``).
 
-    ``stage``: :func:`zero_stage` of the run. With ``modify`` what rank 0 writes is broadcast and
+    ``sharding``: :func:`sharding_of` the run. With ``modify`` what rank 0 writes is broadcast and
     re-partitioned on exit.
     """
-    if stage == 3:
+    if sharding == "zero3":
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if modify else None):

@@ -1,314 +1,323 @@
-"""Atomic, resumable training checkpoints.
+"""Atomic, resumable checkpoints on top of ``accelerator.save_state`` / ``load_state``.
 
-Layout of ``run_dir/checkpoints/step_000010/``::
+Layout of ``run_dir/checkpoints/``::
 
-    checkpoint.json          marker written last: step, num_processes, file list, meta
-    weights.safetensors      trainable weights (name -> tensor), written by the main process
-    <name>.pt                shared state (optimizer, lr_scheduler, ema, data, ...), main process
-    <name>_rank00001.pt      per-process state (RNG states, algorithm state, sharded optimizer)
+    step_000010/                 what accelerate writes (optimizer, scheduler, RNG states, the objects
+                                 registered with ``register_for_checkpointing``, DeepSpeed / FSDP shards)
+      trainable.safetensors      the trainable weights (written by the trainer's save hook; not under
+                                 DeepSpeed / FSDP, which store their own shards)
+      checkpoint.json            written last: step, processes, fingerprints, file sizes, meta
+    latest                       name of the newest complete checkpoint
 
-Every ``.pt`` file holds tensors and plain Python types only and loads with
-``torch.load(weights_only=True)``. A checkpoint is written into ``.tmp_step_000010`` and renamed
-when complete, so an interrupted save never looks like a checkpoint; older ones beyond
-``keep_last`` are deleted afterwards. All processes must call :meth:`CheckpointManager.save` and
-:meth:`CheckpointManager.load` (they synchronise with barriers); the run folder must be on a file
-system every process sees.
+A checkpoint is written into ``.tmp_step_000010``, every file is fsync'ed, and the folder is renamed
+when complete, so an interrupted save never looks like a checkpoint; older checkpoints beyond
+``keep_last`` are removed only after that. On resume the newest checkpoint is verified first (marker,
+file sizes, safetensors headers, and every pickle loads with ``weights_only=True``); a corrupt or
+incomplete one is skipped with a warning naming it and the previous one is used. The recipe and data
+fingerprints stored in the marker must match the run's (unless the recipe allows a change).
+All processes must call :meth:`CheckpointManager.save` and :meth:`CheckpointManager.resume`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import random
 import re
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from dinalrm_align.atomic import fsync, fsync_tree, write_atomic
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointError", "CheckpointManager", "check_fresh_run_dir", "list_checkpoints", "read_marker",
+    "resolve_checkpoint_spec",
+]
+
 MARKER = "checkpoint.json"
-WEIGHTS = "weights.safetensors"
-FORMAT_VERSION = 1
+LATEST = "latest"
+FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step_(\d+)$")
+_PICKLE_SUFFIXES = (".pkl", ".bin", ".pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (incomplete, corrupt, unsafe, or from another run)."""
 
 
 def step_dirname(step: int) -> str:
     return f"step_{step:06d}"
 
 
-# ----------------------------------------------------------------------------------------------
-# RNG state as tensors / plain types (weights_only-safe)
-# ----------------------------------------------------------------------------------------------
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy, torch (and CUDA) RNG states of this process, as tensors and plain types."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
-        "numpy": {
-            "name": str(np_name),
-            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "gauss": float(np_gauss),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state(
-        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"])
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding checkpoints
-# ----------------------------------------------------------------------------------------------
-
-
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / MARKER).is_file()
+def read_marker(path: str | os.PathLike) -> dict[str, Any]:
+    """The marker of a checkpoint folder (CheckpointError if missing or unreadable)."""
+    file = Path(path) / MARKER
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint: it has no {MARKER}")
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is unreadable ({exc})") from exc
 
 
 def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in ``checkpoint_dir``, oldest first."""
+    """Folders named ``step_N`` that hold a marker, oldest first (not verified)."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and is_checkpoint(p)]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and (p / MARKER).is_file()]
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(spec: str | None, run_dir: str | os.PathLike) -> Path | None:
-    """``None`` -> no resume; ``latest`` -> newest checkpoint of ``run_dir`` (None if there is none);
-    a path -> that checkpoint (ValueError if it is not one, FileNotFoundError if it does not exist)."""
+def resolve_checkpoint_spec(spec: str | None, run_dir: str | os.PathLike) -> list[Path]:
+    """Candidate checkpoints for ``checkpoint.resume``, newest first.
+
+    ``None`` -> ``[]``; ``latest`` -> every complete checkpoint of ``run_dir`` (empty if none); a path ->
+    that checkpoint only (FileNotFoundError if missing, CheckpointError if it is no checkpoint).
+    """
     if spec is None or spec == "":
-        return None
+        return []
     if spec == "latest":
-        found = list_checkpoints(Path(run_dir) / "checkpoints")
-        return found[-1] if found else None
+        return list(reversed(list_checkpoints(Path(run_dir) / "checkpoints")))
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"resume checkpoint not found: {path}")
-    if not is_checkpoint(path):
+    if not (path / MARKER).is_file():
         inner = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
-        hint = f" (it contains checkpoints; did you mean {inner[-1]}?)" if inner else ""
-        raise ValueError(f"{path} is not a checkpoint folder: it has no {MARKER}{hint}")
-    return path
+        hint = f" (it contains checkpoints; did you mean {inner[-1]} or 'latest'?)" if inner else ""
+        raise CheckpointError(f"{path} is not a checkpoint folder: it has no {MARKER}{hint}")
+    return [path]
 
 
-def read_marker(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(path) / MARKER).read_text())
+def check_fresh_run_dir(run_dir: str | os.PathLike) -> None:
+    """CheckpointError if ``run_dir`` already holds complete checkpoints: a fresh run there would mix with
+    them (and its rotation would delete its own, lower-numbered checkpoints first)."""
+    earlier = list_checkpoints(Path(run_dir) / "checkpoints")
+    if earlier:
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints of an earlier run (newest: {earlier[-1].name}): resume it with "
+            "--resume latest (checkpoint.resume: latest), or start fresh in another run_dir"
+        )
 
 
-# ----------------------------------------------------------------------------------------------
-# The manager
-# ----------------------------------------------------------------------------------------------
+def _safe_globals() -> list[Any]:
+    """Globals allowed in checkpoint pickles: numpy arrays (RNG states) and DeepSpeed's plain config types."""
+    import numpy as np
+
+    allowed: list[Any] = [np.ndarray, np.dtype]
+    core = getattr(np, "_core", None) or np.core
+    allowed.append(core.multiarray._reconstruct)
+    if hasattr(np, "dtypes"):
+        allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    try:
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+        allowed += list(TORCH_SAFE_GLOBALS)
+    except ImportError:  # pragma: no cover
+        pass
+    try:  # DeepSpeed optimizer shards carry its loss-scaler and ZeRO-stage objects
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum]
+    except Exception:  # noqa: BLE001 - deepspeed is optional
+        pass
+    return allowed
 
 
-def _barrier(accelerator: Any) -> None:
-    if accelerator is not None and accelerator.num_processes > 1:
-        accelerator.wait_for_everyone()
+def verify_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
+    """Marker, file sizes, safetensors headers and ``weights_only`` pickles; returns the marker."""
+    marker = read_marker(path)
+    if int(marker.get("format_version", 0)) != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {marker.get('format_version')}, expected {FORMAT_VERSION}")
+    if int(marker["num_processes"]) != world_size:
+        raise CheckpointError(
+            f"{path} was written by {marker['num_processes']} processes; this launch has {world_size} "
+            "(resume with the same number of processes)"
+        )
+    for rel, size in marker.get("files", {}).items():
+        file = path / rel
+        if not file.is_file():
+            raise CheckpointError(f"{path} is incomplete: {rel} is missing")
+        if file.stat().st_size != int(size):
+            raise CheckpointError(f"{path} is corrupt: {rel} has {file.stat().st_size} bytes, expected {size}")
+    allowed = _safe_globals()
+    for rel in marker.get("files", {}):
+        file = path / rel
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(file), framework="pt") as fh:
+                    fh.keys()
+            elif file.suffix in _PICKLE_SUFFIXES:
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure makes the checkpoint unusable
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{path} is corrupt or unsafe: {rel} does not load safely ({reason})") from exc
+    return marker
+
+
+def _diff_keys(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 class CheckpointManager:
-    """Writes and reads checkpoints under ``run_dir/checkpoints``.
+    """Writes and resumes checkpoints under ``run_dir/checkpoints`` (see the module docstring).
 
     Args:
-        run_dir: the run folder.
-        keep_last: how many complete checkpoints to keep (older ones are deleted after a save).
-        accelerator: for rank / world size / barriers (``None``: single process).
+        run_dir: the run folder (on a file system every process sees).
+        accelerator: the run's accelerator (models, optimizer, scheduler prepared; custom objects registered).
+        keep_last: complete checkpoints to keep.
+        recipe: flattened recipe (fingerprinted keys only) stored in the marker.
+        recipe_fingerprint, data_fingerprint: compared on resume.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3, accelerator: Any = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        accelerator: Any,
+        *,
+        keep_last: int = 3,
+        recipe: dict[str, Any] | None = None,
+        recipe_fingerprint: str = "",
+        data_fingerprint: str = "",
+    ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root = Path(run_dir) / "checkpoints"
-        self.keep_last = keep_last
         self.accelerator = accelerator
+        self.keep_last = keep_last
+        self.recipe = recipe or {}
+        self.recipe_fingerprint = recipe_fingerprint
+        self.data_fingerprint = data_fingerprint
 
+    # ------------------------------------------------------------------ helpers
     @property
-    def rank(self) -> int:
-        return 0 if self.accelerator is None else self.accelerator.process_index
+    def _is_main(self) -> bool:
+        return self.accelerator.is_main_process
 
-    @property
-    def world_size(self) -> int:
-        return 1 if self.accelerator is None else self.accelerator.num_processes
+    def _barrier(self) -> None:
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def _engine_kwargs(self, saving: bool) -> dict[str, Any]:
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # frozen base weights are not part of a run's state: they come from the pipeline again
+            return {"exclude_frozen_parameters": True} if saving else {"load_module_strict": False}
+        return {}
 
     def latest(self) -> Path | None:
         found = list_checkpoints(self.root)
         return found[-1] if found else None
 
-    def save(
-        self,
-        step: int,
-        *,
-        weights: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]],
-        shared: dict[str, Any] | None = None,
-        per_rank: dict[str, Any] | None = None,
-        meta: dict[str, Any] | None = None,
-    ) -> Path:
-        """Write checkpoint ``step`` atomically; every process must call it.
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, meta: dict[str, Any] | None = None, extra: Any = None) -> Path:
+        """Write checkpoint ``step`` atomically (every process calls it). Returns its folder.
 
-        Args:
-            weights: trainable weights (or a callable producing them; called on every process,
-                so it may gather ZeRO-3 partitions), saved by the main process as safetensors.
-            shared: name -> state identical on all processes (saved once, by the main process).
-            per_rank: name -> state of this process (saved by every process).
-            meta: JSON-serialisable extra information (kept in ``checkpoint.json``).
+        ``extra``: called as ``extra(folder)`` on the main process before the marker is written, to add
+        files that are part of the checkpoint (e.g. an exported model).
         """
         final = self.root / step_dirname(step)
         tmp = self.root / f".tmp_{step_dirname(step)}"
-        if self.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        _barrier(self.accelerator)
-        tensors = weights() if callable(weights) else weights
-        if self.is_main:
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-            for name, state in (shared or {}).items():
-                torch.save(state, tmp / f"{name}.pt")
-        for name, state in (per_rank or {}).items():
-            torch.save(state, tmp / f"{name}_rank{self.rank:05d}.pt")
-        _barrier(self.accelerator)
-        if self.is_main:
-            marker = {
-                "format_version": FORMAT_VERSION,
-                "step": int(step),
-                "num_processes": self.world_size,
-                "shared": sorted(shared or {}),
-                "per_rank": sorted(per_rank or {}),
-                "time": time.time(),
-                "meta": meta or {},
-            }
-            (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._rotate()
-        _barrier(self.accelerator)
+        if self._is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp_step_*"):  # left by an interrupted save
+                shutil.rmtree(stale, ignore_errors=True)
+        self._barrier()
+        try:
+            self.accelerator.save_state(str(tmp), **self._engine_kwargs(saving=True))
+            self._barrier()
+            if self._is_main:
+                self._complete(tmp, final, step, meta, extra)
+        except BaseException:
+            if self._is_main:  # e.g. a full disk: no half-written folder stays behind; `latest` is untouched
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._barrier()
         return final
+
+    def _complete(self, tmp: Path, final: Path, step: int, meta: dict[str, Any] | None, extra: Any) -> None:
+        """Main process: export extras, write the marker, fsync, rename into place, point `latest`, rotate."""
+        if extra is not None:
+            extra(tmp)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        marker = {
+            "format_version": FORMAT_VERSION,
+            "step": int(step),
+            "num_processes": self.accelerator.num_processes,
+            "recipe_fingerprint": self.recipe_fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+            "recipe": self.recipe,
+            "files": files,
+            "time": time.time(),
+            "meta": meta or {},
+        }
+        write_atomic(tmp / MARKER, json.dumps(marker, indent=2, default=str))
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync(self.root)
+        write_atomic(self.root / LATEST, final.name + "\n")
+        self._rotate()
 
     def _rotate(self) -> None:
         found = list_checkpoints(self.root)
         for old in found[: max(0, len(found) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: str | os.PathLike) -> dict[str, Any]:
-        """Read a checkpoint for this process.
+    # ------------------------------------------------------------------ resume
+    def resume(self, spec: str | None, *, allow_recipe_change: bool = False) -> dict[str, Any] | None:
+        """Load the checkpoint ``spec`` names (``latest`` / a folder); returns its marker (None: fresh start).
 
-        Returns:
-            ``{"step", "meta", "weights": {name: tensor}, "shared": {...}, "per_rank": {...}}``.
-
-        Raises:
-            ValueError: not a checkpoint, or written by a different number of processes.
+        A corrupt or incomplete newest checkpoint is skipped (warning naming it) in favour of the
+        previous one. Fingerprint mismatches raise CheckpointError unless ``allow_recipe_change``.
         """
-        from safetensors.torch import load_file
+        candidates = resolve_checkpoint_spec(spec, self.root.parent)
+        world = self.accelerator.num_processes
+        explicit = spec not in (None, "", "latest")
+        for i, path in enumerate(candidates):
+            try:
+                marker = verify_checkpoint(path, world)
+            except CheckpointError as exc:
+                if explicit or i == len(candidates) - 1:
+                    raise
+                logger.warning("skipping checkpoint %s: %s; falling back to the previous one", path, exc)
+                continue
+            self._check_fingerprints(path, marker, allow_recipe_change)
+            try:
+                self.accelerator.load_state(str(path), **self._engine_kwargs(saving=False))
+            except Exception as exc:  # noqa: BLE001
+                if world > 1 or explicit or i == len(candidates) - 1:
+                    raise CheckpointError(f"could not load checkpoint {path}: {exc}") from exc
+                logger.warning("checkpoint %s failed to load (%s); falling back to the previous one", path, exc)
+                continue
+            return marker
+        return None
 
-        path = Path(path)
-        if not is_checkpoint(path):
-            raise ValueError(f"{path} is not a checkpoint folder: it has no {MARKER}")
-        marker = read_marker(path)
-        if int(marker["num_processes"]) != self.world_size:
-            raise ValueError(
-                f"checkpoint {path} was written by {marker['num_processes']} processes; this run has "
-                f"{self.world_size}. Resume with the same number of processes."
-            )
-        shared = {name: torch.load(path / f"{name}.pt", weights_only=True) for name in marker["shared"]}
-        per_rank = {
-            name: torch.load(path / f"{name}_rank{self.rank:05d}.pt", weights_only=True)
-            for name in marker["per_rank"]
-        }
-        return {
-            "step": int(marker["step"]),
-            "meta": marker.get("meta", {}),
-            "weights": load_file(str(path / WEIGHTS)),
-            "shared": shared,
-            "per_rank": per_rank,
-        }
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimizer state (plain torch or DeepSpeed ZeRO), weights_only-safe
-# ----------------------------------------------------------------------------------------------
-
-
-def _zero_optimizer(optimizer: Any) -> Any | None:
-    """The DeepSpeed ZeRO optimizer behind an accelerate wrapper, or None."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    name = type(inner).__name__
-    return inner if name.startswith("DeepSpeedZeroOptimizer") else None
-
-
-def optimizer_is_sharded(optimizer: Any) -> bool:
-    """True when each process holds a different part of the optimizer state (DeepSpeed ZeRO)."""
-    return _zero_optimizer(optimizer) is not None
-
-
-def optimizer_state(optimizer: Any) -> dict[str, Any]:
-    """Optimizer state as tensors / plain types.
-
-    Plain torch optimizers: their ``state_dict()``. DeepSpeed ZeRO: this rank's fp32 master
-    partitions and the state of the wrapped torch optimizer (per process).
-    """
-    zero = _zero_optimizer(optimizer)
-    if zero is None:
-        return getattr(optimizer, "optimizer", optimizer).state_dict()
-    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
-        return {
-            "zero": 2,
-            "base": zero.optimizer.state_dict(),
-            "fp32": [t.detach().cpu().clone() for t in zero.single_partition_of_fp32_groups],
-        }
-    zero._set_fp32_optimizer_param_groups()  # ZeRO-3
-    base = zero.optimizer.state_dict()
-    zero._clear_fp32_optimizer_param_groups()
-    return {"zero": 3, "base": base, "fp32": [t.detach().cpu().clone() for t in zero.fp32_partitioned_groups_flat]}
-
-
-def load_optimizer_state(optimizer: Any, state: dict[str, Any], world_size: int = 1) -> None:
-    """Inverse of :func:`optimizer_state` (same optimizer construction and world size)."""
-    zero = _zero_optimizer(optimizer)
-    if zero is None:
-        getattr(optimizer, "optimizer", optimizer).load_state_dict(state)
-        return
-    if "zero" not in state:
-        raise ValueError("checkpoint optimizer state is not a DeepSpeed ZeRO state; resume with the same launcher")
-    # Start from the live state dict (it carries DeepSpeed's own objects) and swap in the tensors.
-    current = zero.state_dict()
-    if state["zero"] == 3:
-        from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
-
-        current[OPTIMIZER_STATE_DICT] = state["base"]
-        current[FP32_FLAT_GROUPS] = [t.to(c.device) for t, c in zip(state["fp32"], zero.fp32_partitioned_groups_flat)]
-        zero.load_state_dict([current] * world_size, load_optimizer_states=True, load_from_fp32_weights=True)
-    else:
-        from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, SINGLE_PARTITION_OF_FP32_GROUPS
-
-        current[BASE_OPTIMIZER_STATE] = state["base"]
-        current[SINGLE_PARTITION_OF_FP32_GROUPS] = state["fp32"]
-        zero.load_state_dict([current] * world_size, load_optimizer_states=True, load_from_fp32_weights=True)
+    def _check_fingerprints(self, path: Path, marker: dict[str, Any], allow_change: bool) -> None:
+        problems = []
+        if marker.get("recipe_fingerprint") != self.recipe_fingerprint:
+            problems.append(f"the recipe differs ({_diff_keys(marker.get('recipe', {}), self.recipe)})")
+        if marker.get("data_fingerprint") != self.data_fingerprint:
+            problems.append("the training data differs (another prompt set / pair index)")
+        if not problems:
+            return
+        text = f"checkpoint {path} was written by another run: " + "; ".join(problems)
+        if allow_change:
+            logger.warning("%s; resuming anyway (checkpoint.allow_recipe_change: true)", text)
+            return
+        raise CheckpointError(text + ". Resume with the same recipe and data, or set checkpoint.allow_recipe_change=true"
+                              " (--allow-recipe-change) for a deliberate change.")

@@ -157,6 +157,11 @@ class PromptSampler:
     def epoch(self) -> int:
         return self.position // len(self.prompts)
 
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs consumed so far (fractional)."""
+        return self.position / len(self.prompts)
+
     def _index(self, j: int) -> int:
         epoch, offset = divmod(j, len(self.prompts))
         if epoch != self._perm_epoch:

@@ -147,6 +147,11 @@ class KRepeatSampler:
         """Distinct prompt draws so far (``position / len(prompts)`` = passes over the prompt set)."""
         return self.epoch * self.batches_per_epoch * self.prompts_per_batch
 
+    @property
+    def epoch_progress(self) -> float:
+        """Passes over the prompt set so far (fractional)."""
+        return self.position / len(self.prompts)
+
     def next_batch(self) -> list[str]:
         """The next epoch's prompts on the first call of an epoch, ``[]`` on the others (see class doc)."""
         out: list[str] = []

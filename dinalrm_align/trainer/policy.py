@@ -1,87 +1,61 @@
-"""The policy: load an SD3 pipeline, make its transformer trainable (LoRA or full), save the result.
+"""The policy: load a pipeline (any backbone), make its transformer trainable (LoRA or full), save the result.
 
-dtypes: frozen weights are stored in the mixed-precision dtype, trainable ones in fp32 (autocast
-does the rest); the VAE stays fp32. The LoRA is saved in diffusers' format WITH its adapter
-metadata, so ``StableDiffusion3Pipeline.load_lora_weights(folder)`` restores the exact outputs
-(without the metadata a reload rescales the LoRA).
+dtypes: frozen weights are stored in the mixed-precision dtype, trainable ones in fp32 (autocast does
+the rest); the VAE stays fp32. The LoRA is saved in diffusers' format WITH its adapter metadata, so
+``<Pipeline>.load_lora_weights(folder)`` restores the exact outputs (without the metadata a reload
+rescales the LoRA).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from dinalrm_align.trainer.config import LoraSettings, ModelConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from diffusers import StableDiffusion3Pipeline
+__all__ = ["load_pipeline", "lora_config", "make_trainable", "save_full", "save_lora"]
 
 
-def tiny_seed(spec: str) -> int | None:
-    """``"tiny"`` -> 0, ``"tiny:3"`` -> 3, anything else -> None."""
-    if spec == "tiny":
-        return 0
-    if spec.startswith("tiny:"):
-        try:
-            return int(spec.split(":", 1)[1])
-        except ValueError as exc:
-            raise ValueError(f"bad tiny model spec {spec!r}: expected 'tiny' or 'tiny:SEED'") from exc
-    return None
+def load_pipeline(config: ModelConfig, weight_dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """``(pipeline, adapter)`` of ``config.pretrained`` (tiny id, local folder or hub id).
 
-
-def load_pipeline(config: ModelConfig, weight_dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
-    """Load the SD3 pipeline named by ``config.pretrained`` (``tiny[:SEED]``, a local folder or a hub id).
-
-    Text encoders and transformer are cast to ``weight_dtype``; the VAE stays fp32; everything is
-    frozen and in eval mode. Raises FileNotFoundError naming the id (and ``HF_HUB_OFFLINE``) on a miss.
+    Everything frozen and in eval mode: transformer and text encoders in ``weight_dtype``, VAE in fp32.
+    Raises FileNotFoundError naming the id (and ``HF_HUB_OFFLINE``) on a miss, ValueError if the
+    pipeline's family does not match ``config.backbone``.
     """
-    seed = tiny_seed(config.pretrained)
-    if seed is not None:
-        from dinalrm_align.testing import tiny_sd3_pipeline
+    from dinalrm_align.backbones.loading import load_any_pipeline
 
-        pipe = tiny_sd3_pipeline(seed)
-    else:
-        from dinalrm_align.reward_model.pipeline_loading import load_sd3_pipeline
-
-        spec = config.pretrained
-        path = Path(spec).expanduser()
-        if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
-            raise FileNotFoundError(f"policy pipeline folder not found: {spec} (model.pretrained)")
-        kwargs: dict[str, Any] = {}
-        if config.revision:
-            kwargs["revision"] = config.revision
-        if config.variant:
-            kwargs["variant"] = config.variant
-        pipe = load_sd3_pipeline(str(path) if path.exists() else spec, torch_dtype=weight_dtype, **kwargs)
-    for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            module.to(dtype=weight_dtype).requires_grad_(False).eval()
-    pipe.vae.to(dtype=torch.float32).requires_grad_(False).eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    kwargs: dict[str, Any] = {}
+    if config.revision:
+        kwargs["revision"] = config.revision
+    if config.variant:
+        kwargs["variant"] = config.variant
+    pipe, adapter = load_any_pipeline(config.pretrained, backbone=config.backbone, torch_dtype=weight_dtype,
+                                      what="model.pretrained", **kwargs)
+    adapter.freeze_pipeline(pipe, weight_dtype)
+    return pipe, adapter
 
 
-def lora_config(settings: LoraSettings) -> Any:
-    """peft ``LoraConfig`` of the policy adapter."""
+def lora_config(settings: LoraSettings, adapter: Any) -> Any:
+    """peft ``LoraConfig`` of the policy adapter (the backbone's defaults where the recipe says null / default)."""
     from peft import LoraConfig
 
+    r = settings.r if settings.r is not None else adapter.policy_lora_rank
+    alpha = settings.alpha if settings.alpha is not None else adapter.policy_lora_alpha
     return LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
+        r=r,
+        lora_alpha=alpha,
         lora_dropout=settings.dropout,
         init_lora_weights="gaussian" if settings.init == "gaussian" else True,
-        target_modules=list(settings.target_modules),
+        target_modules=adapter.lora_targets(settings.target_modules),
     )
 
 
 def make_trainable(
-    transformer: torch.nn.Module,
-    config: ModelConfig,
-    weight_dtype: torch.dtype = torch.float32,
+    transformer: torch.nn.Module, config: ModelConfig, adapter: Any, weight_dtype: torch.dtype = torch.float32
 ) -> list[torch.nn.Parameter]:
     """Add the policy LoRA (or unfreeze everything) and return the trainable parameters (fp32).
 
@@ -90,11 +64,12 @@ def make_trainable(
     """
     if config.finetune == "lora":
         transformer.to(dtype=weight_dtype)
+        cfg = lora_config(config.lora, adapter)
         try:
-            transformer.add_adapter(lora_config(config.lora), adapter_name=config.lora.adapter_name)
+            transformer.add_adapter(cfg, adapter_name=config.lora.adapter_name)
         except ValueError as exc:
             raise ValueError(
-                f"model.lora.target_modules {config.lora.target_modules} do not match the transformer: {exc}"
+                f"model.lora.target_modules {sorted(cfg.target_modules)} do not match the {adapter.name} transformer: {exc}"
             ) from exc
         for name, param in transformer.named_parameters():
             if "lora_" in name:
@@ -111,57 +86,43 @@ def make_trainable(
     return params
 
 
-def trainable_named_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-
-
-def trainable_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Copies (CPU) of the trainable parameters, by name."""
-    return {n: p.detach().cpu().clone() for n, p in trainable_named_parameters(module)}
-
-
-@torch.no_grad()
-def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the trainable parameters (names and shapes must match exactly)."""
-    params = dict(trainable_named_parameters(module))
-    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint weights do not match the trainable parameters: missing {missing[:3]}"
-            f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
-        )
-    for name, param in params.items():
-        if tuple(state[name].shape) != tuple(param.shape):
-            raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(state[name].shape)} vs {tuple(param.shape)}")
-        param.data.copy_(state[name].to(param.device, param.dtype))
-
-
 def save_lora(
     transformer: torch.nn.Module,
+    pipeline_class: type,
     out_dir: str | os.PathLike,
     adapter_name: str = "default",
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Save the policy LoRA in diffusers' format with adapter metadata (``load_lora_weights`` works)."""
-    from diffusers import StableDiffusion3Pipeline
+    """The policy LoRA in diffusers' format with adapter metadata (``<Pipeline>.load_lora_weights`` works).
+
+    ``state_dict``: trainable weights by parameter name (e.g. gathered from ZeRO-3 shards, EMA swapped in).
+    """
     from peft.utils import get_peft_model_state_dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # PEFT key names as diffusers' SD3 LoRA scripts save them. convert_state_dict_to_diffusers would
-    # rename attn.to_q/k/v/out.0 to the legacy "lora.down/up" form, which SD3 loading silently drops.
+    # PEFT key names as diffusers' LoRA scripts save them (the legacy "lora.down/up" renaming of
+    # convert_state_dict_to_diffusers makes SD3 loading silently drop the attention LoRA).
     layers = get_peft_model_state_dict(transformer, state_dict=state_dict, adapter_name=adapter_name)
     layers = {k: v.detach().cpu().float().contiguous() for k, v in layers.items()}
     metadata = transformer.peft_config[adapter_name].to_dict()
-    StableDiffusion3Pipeline.save_lora_weights(
-        out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
-    )
+    pipeline_class.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
     return out
 
 
-def save_full(transformer: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Save a fully fine-tuned transformer as a folder ``SD3Transformer2DModel.from_pretrained`` loads."""
+def save_full(transformer: torch.nn.Module, out_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """A fully fine-tuned transformer as a folder ``<Transformer>.from_pretrained`` loads.
+
+    ``state_dict``: the (gathered) weights to write instead of the module's own (e.g. from ZeRO-3 shards).
+    """
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    transformer.save_pretrained(out, safe_serialization=True)
+    if state_dict is None:
+        transformer.save_pretrained(out, safe_serialization=True)
+    else:
+        transformer.save_config(out)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+                  str(out / "diffusion_pytorch_model.safetensors"))
     return out
