@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     calls: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
-            from dinalrm_align.testing import tiny_reward_model, tiny_sd3_pipeline
+            from dinalrm_align.tiny import tiny_reward_model, tiny_sd3_pipeline
 
             sd3 = tiny_sd3_pipeline(seed=0)
             reward_fn = ddpo_reward_fn(

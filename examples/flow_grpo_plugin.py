@@ -17,18 +17,26 @@ In ``flow_grpo/scripts/train_sd3.py`` (DiffusionNFT's ``train_nft_sd3.py`` is th
 
 Nothing else changes: the trainer still calls ``reward_fn(images, prompts, prompt_metadata,
 only_strict=True)`` in its thread pool, gets ``({"dinalrm": (B,), "avg": (B,)}, {})`` as float32
-numpy arrays, trains on ``"avg"`` and logs ``reward_dinalrm``. To mix with Flow-GRPO's own rewards
-keep ``multi_score`` and register ``reward_fn.as_scorer()`` in its ``score_functions``.
+numpy arrays, trains on ``"avg"`` and logs ``reward_dinalrm``. To mix with Flow-GRPO's own rewards use
+``dinalrm_align.integrations.flow_grpo.flow_grpo_latent_multi_score`` (docs/integrations.md): Flow-GRPO's
+reward table is a local variable of its ``multi_score``, not something to register into.
 
 Forks that keep the final latents skip the decode and the re-encode::
 
     from dinalrm_align.rewards import flow_grpo_latent_reward
     latent_reward_fn = flow_grpo_latent_reward("liuhuohuo/DiNa-LRM-SD35M-12layers", pipeline, u=0.4)
-    rewards, _ = latent_reward_fn(latents[-1], prompt_embeds, pooled_prompt_embeds, prompt_metadata)
+    rewards, _ = latent_reward_fn(latents[:, -1], prompt_embeds, pooled_prompt_embeds, prompt_metadata)
 
-Run ``python examples/flow_grpo_plugin.py --tiny`` for a dry run on the tiny models (no trainer
-needed): it samples a batch, calls both reward functions exactly as the trainer does and prints
-what the trainer would log.
+(``latents`` is the stacked ``(B, T + 1, C, h, w)`` trajectory: ``latents[:, -1]`` are the final latents.)
+
+The same works for FLUX.1 and Z-Image policies with a reward model of that family: pass the FLUX.1 /
+Z-Image pipeline (its VAE re-encodes the images, its text stack encodes the prompts). For the latent
+variant give what the family's ``encode_prompt`` gives (Z-Image: the list of embeddings and ``None`` as
+the pooled embeddings) and *unpacked* latents (FLUX.1 pipelines pack them).
+
+Run ``python examples/flow_grpo_plugin.py --tiny [--backbone flux|zimage]`` for a dry run on the tiny
+models (no trainer needed): it samples a batch, calls both reward functions exactly as the trainer
+does and prints what the trainer would log.
 """
 
 from __future__ import annotations
@@ -36,34 +44,61 @@ from __future__ import annotations
 import argparse
 import json
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
+
+#: Guidance of a sample: SD3.5 CFG scale (1 = off), FLUX.1-dev's embedded guidance, Z-Image-Turbo without CFG.
+GUIDANCE = {"sd3": 1.0, "flux": 3.5, "zimage": 0.0}
+
+
+def sample(pipe: Any, adapter: Any, prompt_embeds: Any, pooled: Any, *, steps: int, size: int,
+           seq_len: int, backbone: str) -> torch.Tensor:
+    """Unpacked normalised latents (B, 16, h, w) from the pipeline's own sampler."""
+    kwargs = {"prompt_embeds": prompt_embeds}
+    if pooled is not None:  # Z-Image has no pooled text vector
+        kwargs["pooled_prompt_embeds"] = pooled
+    latents = pipe(
+        **kwargs, num_inference_steps=steps, guidance_scale=GUIDANCE[backbone], height=size, width=size,
+        max_sequence_length=seq_len, generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
+    ).images
+    return adapter.unpack_pipeline_latents(pipe, latents, size, size)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Dry run of the Flow-GRPO reward plug-in")
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--model", default="liuhuohuo/DiNa-LRM-SD35M-12layers")
-    p.add_argument("--pipeline", default="stabilityai/stable-diffusion-3.5-medium")
+    p.add_argument("--backbone", default="sd3", choices=["sd3", "flux", "zimage"], help="model family")
+    p.add_argument("--model", default=None,
+                   help="reward model (default: liuhuohuo/DiNa-LRM-SD35M-12layers for sd3; required otherwise)")
+    p.add_argument("--pipeline", default=None, help="policy / reward pipeline (default: the family's base model)")
     args = p.parse_args(argv)
 
     from dinalrm_align import LatentRewardModel, encode_prompts
+    from dinalrm_align.backbones.registry import get_adapter
     from dinalrm_align.rewards import flow_grpo_latent_reward, flow_grpo_reward
 
+    adapter = get_adapter(args.backbone)
     if args.tiny:
-        from dinalrm_align.testing import tiny_reward_model, tiny_sd3_pipeline
+        from dinalrm_align.tiny import tiny_pipeline, tiny_reward_model
 
-        pipeline = tiny_sd3_pipeline(seed=0)
-        model = tiny_reward_model(pipeline.transformer, seed=0)
+        pipeline = tiny_pipeline(args.backbone, seed=0)
+        model = tiny_reward_model(args.backbone, pipeline, seed=0)
         device, seq_len, steps, size = "cpu", 16, 4, 64
     else:
-        from dinalrm_align.reward_model.pipeline_loading import load_sd3_pipeline
+        from dinalrm_align.backbones.loading import load_any_pipeline
 
+        model_id = args.model or ("liuhuohuo/DiNa-LRM-SD35M-12layers" if args.backbone == "sd3" else None)
+        if model_id is None:
+            p.error(f"--model is required for --backbone {args.backbone}")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        pipeline = load_sd3_pipeline(args.pipeline, torch_dtype=dtype, device=device)
+        pipeline, adapter = load_any_pipeline(args.pipeline or adapter.default_model_id, backbone=args.backbone,
+                                              torch_dtype=dtype)
+        pipeline.to(device)
         model = LatentRewardModel.from_pretrained(
-            args.model, transformer=pipeline.transformer, torch_dtype=dtype, device=device
+            model_id, transformer=pipeline.transformer, torch_dtype=dtype, device=device,
+            scheduler_config=pipeline.scheduler.config,
         )
         seq_len, steps, size = 128, 10, 512
 
@@ -78,22 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     metadata = [{} for _ in prompts]
     prompt_embeds, pooled = encode_prompts(pipeline, prompts, seq_len, device=device)
     with torch.no_grad():
-        latents = pipeline(
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled,
-            num_inference_steps=steps,
-            guidance_scale=1.0,
-            height=size,
-            width=size,
-            max_sequence_length=seq_len,
-            generator=torch.Generator("cpu").manual_seed(0),
-            output_type="latent",
-        ).images
-        vae = pipeline.vae
-        decoded = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
-        images = (decoded.float() / 2 + 0.5).clamp(
-            0, 1
-        )  # what pipeline_with_logprob(..., output_type="pt") gives
+        latents = sample(pipeline, adapter, prompt_embeds, pooled, steps=steps, size=size, seq_len=seq_len,
+                         backbone=args.backbone)
+        # what pipeline_with_logprob(..., output_type="pt") gives: images (B, 3, H, W) in [0, 1]
+        images = adapter.decode(pipeline, latents)
 
     # --- exactly the trainer's calls
     with ThreadPoolExecutor(max_workers=1) as executor:
@@ -105,9 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
     latent_rewards, _ = latent_reward_fn(latents, prompt_embeds, pooled, metadata)
     print(json.dumps({f"latent_reward_{k}": round(float(v.mean()), 6) for k, v in latent_rewards.items()}))
-    print(
-        json.dumps({"avg_per_sample": [round(float(x), 6) for x in rewards["avg"]], "keys": sorted(rewards)})
-    )
+    print(json.dumps({"avg_per_sample": [round(float(x), 6) for x in rewards["avg"]], "keys": sorted(rewards),
+                      "backbone": args.backbone}))
     return 0
 
 

@@ -91,3 +91,45 @@ def test_ddpo_trainer_one_epoch_with_dinalrm_reward(tiny_pipe, tiny_rm, tmp_path
         if p.requires_grad and not torch.equal(p, lora_before[n])
     ]
     assert changed, "one DDPO epoch on DiNa-LRM rewards should update the policy LoRA"
+
+
+def test_ddpo_trainer_async_reward_computation(tiny_pipe, tiny_rm, tmp_path):
+    """``DDPOConfig(async_reward_computation=True)``: trl calls the reward in its thread pool and then calls
+    ``.result()`` on both returned values; ``ddpo_reward_fn(..., async_results=True)`` returns those futures."""
+    from accelerate import PartialState
+    from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+
+    example = _example_module()
+    example.tiny_sd1_pipeline(tiny_pipe.tokenizer).save_pretrained(tmp_path / "sd1")
+    reward_fn = ddpo_reward_fn(tiny_rm, tiny_pipe, u=0.1, max_sequence_length=16, async_results=True)
+    threads, calls = set(), []
+
+    def recording_reward_fn(images, prompts, prompt_metadata):
+        import threading
+
+        threads.add(threading.current_thread().name)
+        rewards, info = reward_fn(images, prompts, prompt_metadata)
+        calls.append((images.detach().clone(), list(prompts), rewards.result(), info.result()))
+        return rewards, info
+
+    PartialState()
+    sd_pipeline = DefaultDDPOStableDiffusionPipeline(str(tmp_path / "sd1"), use_lora=True)
+    config = DDPOConfig(
+        num_epochs=1, sample_num_steps=2, sample_batch_size=2, sample_num_batches_per_epoch=2, train_batch_size=2,
+        train_gradient_accumulation_steps=1, sample_guidance_scale=5.0, mixed_precision="no", log_with=None,
+        per_prompt_stat_tracking=False, allow_tf32=False, async_reward_computation=True, max_workers=2,
+        project_kwargs={"project_dir": str(tmp_path / "run")},
+    )
+    assert config.async_reward_computation
+    prompts = iter(["a red cube", "a blue ball", "a green tree", "a yellow car"])
+    trainer = DDPOTrainer(config, recording_reward_fn, lambda: (next(prompts), {}), sd_pipeline)
+    lora_before = {n: p.detach().clone() for n, p in sd_pipeline.unet.named_parameters() if p.requires_grad}
+    trainer.train()
+
+    assert len(calls) == 2 and threads and "MainThread" not in threads  # scored in trl's thread pool
+    for images, prompts_, rewards, info in calls:
+        assert rewards.shape == (2,) and rewards.dtype == torch.float32 and torch.isfinite(rewards).all()
+        assert set(info) == {"dinalrm", "avg"}
+        direct = reward_fn.reward(latents=images_to_latents(images, tiny_pipe), prompts=prompts_)["avg"]
+        assert torch.allclose(rewards, direct, atol=1e-6)
+    assert any(not torch.equal(p, lora_before[n]) for n, p in sd_pipeline.unet.named_parameters() if p.requires_grad)

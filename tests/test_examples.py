@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -82,6 +83,36 @@ def test_example_runs_with_tiny_models(name):
         )
     if name == "score_latents.py":  # per-sample seeded: a second run prints the same scores
         assert _records(_run_main(name, ["--tiny"])[1]) == records
+
+
+#: (example, backbone): each example with a ``--backbone`` option also runs on a FLUX.1 or Z-Image tiny model
+BACKBONE_RUNS = [
+    ("score_latents.py", "flux"),
+    ("score_images.py", "zimage"),
+    ("flow_grpo_plugin.py", "zimage"),
+    ("remote_reward.py", "flux"),
+    ("remote_reward.py", "zimage"),
+]
+
+
+@pytest.mark.parametrize("name,backbone", BACKBONE_RUNS)
+def test_example_runs_on_other_backbones(name, backbone):
+    rc, stdout = _run_main(name, ["--tiny", "--backbone", backbone])
+    assert rc == 0, stdout[-2000:]
+    records = _records(stdout)
+    if name == "score_latents.py":
+        assert records[-1]["settings"]["backbone"] == backbone
+        scores = [r["score"] for r in records[:-1]]
+        assert len(scores) == 2 and all(math.isfinite(x) for x in scores)
+    elif name == "score_images.py":
+        assert len(records) == 2 and all(r["backbone"] == backbone and math.isfinite(r["score"]) for r in records)
+    elif name == "flow_grpo_plugin.py":
+        (summary,) = [r for r in records if "avg_per_sample" in r]
+        assert summary["backbone"] == backbone and len(summary["avg_per_sample"]) == 4
+        assert any("latent_reward_avg" in r for r in records)
+    else:
+        assert records[0]["server"]["backbone"] == backbone
+        assert records[-1] == {"remote_equals_local": True}
 
 
 def test_example_runs_as_a_script():

@@ -366,7 +366,10 @@ def test_pixel_bridge_formats_agree(tiny_pipe, images):
     assert torch.allclose(from_float, from_numpy, atol=1e-5) and torch.allclose(
         from_numpy, from_pil, atol=1e-5
     )
-    assert torch.allclose(from_float, torch.stack(encode_images(tiny_pipe, u8.float() / 255)))
+    # the bridge uses the VAE posterior mean (deterministic), not encode_images' default posterior sample
+    mean = torch.stack(encode_images(tiny_pipe, u8.float() / 255, sample_posterior=False))
+    assert torch.allclose(from_float, mean)
+    assert torch.equal(images_to_latents(nhwc, tiny_pipe), from_numpy)
     with pytest.raises(ValueError, match="same size"):
         images_to_latents([pils[0], pils[1].resize((32, 32))], tiny_pipe)
     with pytest.raises(ValueError, match="VAE"):

@@ -1,4 +1,5 @@
-"""Reward server on loopback: good / bad / concurrent requests, remote == local, micro-batching, CLI."""
+"""Reward server on loopback: good / bad / concurrent requests, remote == local, micro-batching, CLI,
+abusive payloads (4xx before any compute), bearer token. Load and shutdown: tests/test_server_load.py."""
 
 from __future__ import annotations
 
@@ -31,10 +32,13 @@ from dinalrm_align.serving import (  # noqa: E402
     create_app,
 )
 from dinalrm_align.serving.wire import build_request, encode_tensors  # noqa: E402
+from dinalrm_align.tiny import tiny_reward_model  # noqa: E402
 
 SEQ = 16
 PROMPTS = ["a red cube", "a blue ball", "a green tree", "a yellow car"]
 MAX_BYTES = 1 << 20
+MAX_TOKENS = 77 + SEQ + 7  # the tiny text is 93 tokens long
+MAX_LATENT_PIXELS = 32 * 32  # the tiny model's grid allows 64 x 64
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,7 +63,12 @@ def engine(local):
 @pytest.fixture(scope="module")
 def server(engine):
     settings = ServerSettings(
-        max_batch_size=8, max_wait_ms=30, max_request_bytes=MAX_BYTES, max_rows_per_request=8
+        max_batch_size=8,
+        max_wait_ms=30,
+        max_request_bytes=MAX_BYTES,
+        max_rows_per_request=8,
+        max_text_tokens=MAX_TOKENS,
+        max_latent_pixels=MAX_LATENT_PIXELS,
     )
     with BackgroundServer(create_app(engine, settings)) as srv:
         yield srv
@@ -230,7 +239,7 @@ def test_malformed_payloads_get_clear_4xx(server, batch, client):
         (lambda: _post_binary(server, {"latents": latents}), 422, "text conditions"),
         (lambda: _post_binary(server, {"latents": latents, "prompt_embeds": pe}), 422, "both"),
         (lambda: _post_binary(server, {**good, "latents": latents[:, :4]}), 422, "channels"),
-        (lambda: _post_binary(server, {**good, "latents": latents[:, :, :31, :31]}), 422, "divisible"),
+        (lambda: _post_binary(server, {**good, "latents": latents[:, :, :31, :31]}), 422, "multiples of 2"),
         (lambda: _post_binary(server, {**good, "latents": latents.to(torch.int32)}), 422, "float"),
         (lambda: _post_binary(server, {**good, "latents": latents[0]}), 422, "4-D"),
         (
@@ -239,7 +248,7 @@ def test_malformed_payloads_get_clear_4xx(server, batch, client):
             "NaN",
         ),
         (lambda: _post_binary(server, {**good, "pooled_prompt_embeds": pooled[:2]}), 422, "batch sizes"),
-        (lambda: _post_binary(server, {**good, "prompt_embeds": pe[..., :8]}), 422, "joint_attention_dim"),
+        (lambda: _post_binary(server, {**good, "prompt_embeds": pe[..., :8]}), 422, "prompt_embeds width 8 does not fit"),
         (lambda: _post_binary(server, {**good, "other": pe}), 422, "unknown tensors"),
         (lambda: _post_binary(server, good, u="abc"), 422, "not a number"),
         (lambda: _post_binary(server, good, u=-0.1), 422, "u must lie"),
@@ -271,10 +280,132 @@ def test_malformed_payloads_get_clear_4xx(server, batch, client):
         response = send()
         assert response.status_code == status, (fragment, response.text)
         assert fragment in response.json()["error"], (fragment, response.text)
-    assert httpx.get(f"{server.url}/nowhere").status_code == 404
+    missing = httpx.get(f"{server.url}/nowhere")
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    assert httpx.put(f"{server.url}/score").json() == {"error": "Method Not Allowed"}
     # the server is still healthy and scoring
     assert client.health()["status"] == "ok"
     assert client.score(latents, prompt_embeds=pe, pooled_prompt_embeds=pooled, seed=0).raw.shape == (4,)
+
+
+def _raw_json(server, text: str):
+    return httpx.post(
+        f"{server.url}/score", content=text.encode(), headers={"content-type": "application/json"}, timeout=60
+    )
+
+
+def test_abusive_payloads_get_4xx_before_any_compute(server, batch, client):
+    """Each of these once held the worker, crashed with a 500 or answered NaN; now a 4xx, never computed."""
+    latents, pe, pooled = batch
+    good = {"latents": latents, "prompt_embeds": pe, "pooled_prompt_embeds": pooled}
+    lat_b64 = _b64({"latents": latents})
+    before = client.info()["stats"]
+    cases = [
+        # sizes: refused on the shapes (the 20,000-token request once held the worker for minutes)
+        (
+            lambda: _post_binary(
+                server,
+                {
+                    "latents": latents[:1],
+                    "prompt_embeds": torch.zeros(1, 12_000, 32).half(),
+                    "pooled_prompt_embeds": pooled[:1],
+                },
+            ),
+            413,
+            "tokens",
+        ),
+        (
+            lambda: _post_binary(server, {**good, "prompt_embeds": torch.zeros(4, MAX_TOKENS + 1, 32)}),
+            413,
+            "tokens",
+        ),
+        (
+            lambda: _post_binary(server, {**good, "latents": torch.zeros(4, 16, 64, 64).half()}),
+            413,
+            f"limit of {MAX_LATENT_PIXELS}",
+        ),
+        # malformed JSON / numbers / text
+        (lambda: _raw_json(server, "[" * 100_000 + "]" * 100_000), 400, "nested too deeply"),
+        (lambda: _raw_json(server, '{"a":' * 50_000 + "1" + "}" * 50_000), 400, "nested too deeply"),
+        (
+            lambda: _raw_json(
+                server, f'{{"tensors": "{lat_b64}", "prompts": {json.dumps(PROMPTS)}, "seed": {"9" * 5000}}}'
+            ),
+            400,
+            "integer",
+        ),
+        (
+            lambda: _post_json(server, {"tensors": lat_b64, "prompts": PROMPTS, "seed": 2**64}),
+            422,
+            "seed must lie",
+        ),
+        (
+            lambda: _post_json(server, {"tensors": lat_b64, "prompts": PROMPTS, "seeds": [2**70, 1, 2, -1]}),
+            422,
+            "seeds[0]",
+        ),
+        (
+            lambda: _post_json(server, {"tensors": lat_b64, "prompts": PROMPTS, "n_noise": 10**40}),
+            422,
+            "n_noise",
+        ),
+        (lambda: _post_binary(server, good, seed=str(2**64)), 422, "seed must lie"),
+        (
+            lambda: _raw_json(server, f'{{"tensors": "{lat_b64}", "prompts": ["\\ud800", "b", "c", "d"]}}'),
+            422,
+            "not valid Unicode",
+        ),
+        # empty dimensions
+        (lambda: _post_binary(server, {**good, "latents": torch.zeros(4, 16, 0, 0)}), 422, "size 0"),
+        (lambda: _post_binary(server, {**good, "latents": torch.zeros(0, 16, 32, 32)}), 422, "size 0"),
+        (lambda: _post_binary(server, {**good, "prompt_embeds": torch.zeros(4, 0, 32)}), 422, "size 0"),
+        (lambda: _post_binary(server, {**good, "pooled_prompt_embeds": torch.zeros(4, 0)}), 422, "size 0"),
+        # finite but absurd values (1e30 once came back as NaN scores)
+        (lambda: _post_binary(server, {**good, "latents": torch.full_like(latents, 1e30)}), 422, "magnitude"),
+        (lambda: _post_binary(server, {**good, "latents": latents * 2e4}), 422, "|value| <= 10000"),
+        (lambda: _post_binary(server, {**good, "prompt_embeds": pe * 1e30}), 422, "magnitude"),
+        (
+            lambda: _post_binary(
+                server, {**good, "pooled_prompt_embeds": torch.full_like(pooled, 2e4).half()}
+            ),
+            422,
+            "magnitude",
+        ),
+        (
+            lambda: _post_binary(server, {"latents": latents, "pooled_prompt_embeds": pooled}),
+            422,
+            "needs prompt_embeds",
+        ),
+    ]
+    for send, status, fragment in cases:
+        response = send()
+        assert response.status_code == status, (fragment, response.text)
+        assert fragment in response.json()["error"], (fragment, response.text)
+    after = client.info()["stats"]
+    assert after["requests"] == before["requests"] and after["batches"] == before["batches"]
+    # the longest accepted text and the largest accepted latent still score
+    assert client.score(latents, prompt_embeds=pe, pooled_prompt_embeds=pooled, seed=0).raw.shape == (4,)
+    longest = torch.cat([pe, torch.zeros(4, MAX_TOKENS - pe.shape[1], 32)], dim=1)
+    out = client.score(latents[:1], prompt_embeds=longest[:1], pooled_prompt_embeds=pooled[:1], seed=0)
+    assert out.raw.shape == (1,) and torch.isfinite(out.raw).all()
+
+
+def test_non_finite_scores_are_refused_not_sent(tiny_pipe, batch):
+    """A model that overflows (here: a head with absurd weights) gets 422, never NaN in the JSON."""
+    broken = tiny_reward_model(tiny_pipe.transformer, seed=0)  # a private copy of the fixture's model
+    with torch.no_grad():
+        broken.reward_head.head.weight.fill_(3e38)
+        broken.reward_head.head.bias.fill_(3e38)
+    reward = DiNaLatentReward(broken, tiny_pipe, u=0.4, max_sequence_length=SEQ)
+    app = create_app(ScoringEngine(reward, model_id="broken", pipeline_id="tiny"))
+    latents, pe, pooled = batch
+    with BackgroundServer(app) as srv:
+        response = _post_binary(
+            srv, {"latents": latents, "prompt_embeds": pe, "pooled_prompt_embeds": pooled}
+        )
+    assert response.status_code == 422, response.text
+    message = json.loads(response.text, parse_constant=lambda c: pytest.fail(f"{c} in the reply"))["error"]
+    assert "finite" in message or "NaN" in message
 
 
 def test_client_raises_remote_errors(client, batch):
@@ -398,6 +529,90 @@ def test_remote_reward_equals_local_in_a_composite(server, batch, local):
         embeds_only(latents=latents, prompts=PROMPTS)
     there.close()
     embeds_only.close()
+
+
+def test_settings_refuse_inconsistent_limits():
+    from dinalrm_align.serving.settings import DEFAULT_MAX_LATENT_PIXELS, DEFAULT_MAX_TEXT_TOKENS
+
+    assert DEFAULT_MAX_TEXT_TOKENS == 77 + 128 and DEFAULT_MAX_LATENT_PIXELS == 184 * 104
+    with pytest.raises(ValueError, match="max_rows_in_flight"):
+        ServerSettings(max_rows_per_request=64, max_rows_in_flight=8)
+    with pytest.raises(ValueError, match="max_queue"):
+        ServerSettings(max_queue=0)
+    with pytest.raises(ValueError, match="max_body_bytes_in_flight"):
+        ServerSettings(max_request_bytes=1 << 20, max_body_bytes_in_flight=1 << 10)
+    with pytest.raises(ValueError, match="max_abs_input"):
+        ServerSettings(max_abs_input=float("inf"))
+    with pytest.raises(ValueError, match="token"):
+        ServerSettings(token=" ")
+    assert ServerSettings(max_request_bytes=1 << 20).body_bytes_in_flight == 4 << 20
+
+
+# ---------------------------------------------------------------------- access control
+def test_bearer_token_guards_every_endpoint(engine, batch, local, monkeypatch):
+    from dinalrm_align.serving.settings import TOKEN_ENV
+
+    token = "s3cret-token"
+    latents, pe, pooled = batch
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    app = create_app(engine, ServerSettings(token=token))
+    assert token not in repr(app.state.settings)
+    with BackgroundServer(app) as srv:
+        for method, path in [("GET", "/health"), ("GET", "/info"), ("POST", "/score"), ("GET", "/nowhere")]:
+            for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": token}]:
+                response = httpx.request(method, f"{srv.url}{path}", headers=headers, timeout=30)
+                assert response.status_code == 401, (path, headers, response.text)
+                assert (
+                    "Bearer" in response.json()["error"] and response.headers["www-authenticate"] == "Bearer"
+                )
+        ok = httpx.get(f"{srv.url}/info", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["auth"] is True and token not in ok.text
+        with RewardClient(srv.url) as anonymous, pytest.raises(RemoteRewardError) as err:
+            anonymous.info()
+        assert err.value.status == 401
+        with RewardClient(srv.url, token=token) as c:
+            out = c.score(latents, prompt_embeds=pe, pooled_prompt_embeds=pooled, seed=3)
+        expected = local.score_raw(
+            latents=latents, prompt_embeds=pe, pooled_prompt_embeds=pooled, seeds=out.seeds
+        )
+        assert torch.allclose(out.raw, expected, atol=1e-5)
+        monkeypatch.setenv(TOKEN_ENV, token)  # the client (and the remote reward) read it by default
+        remote = RemoteLatentReward(srv.url, u=0.4, normalization="raw")
+        here = DiNaLatentReward(
+            local.model, local.pipeline, u=0.4, max_sequence_length=SEQ, normalization="raw"
+        )
+        assert torch.allclose(
+            remote(latents=latents, prompts=PROMPTS), here(latents=latents, prompts=PROMPTS), atol=1e-5
+        )
+        remote.close()
+        explicit = RemoteLatentReward(srv.url, token="wrong", normalization="raw")
+        with pytest.raises(RemoteRewardError, match="401"):
+            explicit(latents=latents, prompts=PROMPTS)
+        explicit.close()
+
+
+def test_open_bind_without_token_warns(engine, monkeypatch):
+    from dinalrm_align.serving.cli import build_parser, settings_from_args
+    from dinalrm_align.serving.runner import exposure_warning, is_loopback
+    from dinalrm_align.serving.settings import TOKEN_ENV
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
+    assert exposure_warning("127.0.0.1", None) is None
+    assert exposure_warning("0.0.0.0", "tok") is None
+    message = exposure_warning("0.0.0.0", None)
+    assert message and "0.0.0.0" in message and TOKEN_ENV in message and "--token" in message
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    assert settings_from_args(build_parser().parse_args(["--tiny"])).token == "from-env"
+    assert settings_from_args(build_parser().parse_args(["--tiny", "--token", "flag"])).token == "flag"
+    monkeypatch.delenv(TOKEN_ENV)
+    defaults = settings_from_args(build_parser().parse_args(["--tiny"]))
+    assert defaults.token is None and defaults.max_text_tokens == 77 + 128
+    assert defaults.max_latent_pixels == (1472 // 8) * (832 // 8)
+    longer = settings_from_args(build_parser().parse_args(["--tiny", "--max-sequence-length", "256"]))
+    assert longer.max_text_tokens == 77 + 256
+    with pytest.warns(UserWarning, match="reachable from other machines"):
+        BackgroundServer(create_app(engine), host="0.0.0.0")  # constructed, never started
 
 
 # ---------------------------------------------------------------------- command line

@@ -10,7 +10,7 @@ name                                what it is
 ``RemoteLatentReward``              the same over HTTP (``dinalrm-align serve``; never differentiable)
 ``CompositeReward``                 ``{name: scores, ..., "avg": weighted sum}``
 ``build_composite`` / ``RewardSpec`` composition from configs (identical configs built once)
-``PixelBridge`` / ``images_to_latents`` decoded images -> SD3 VAE latents -> score (slower path)
+``PixelBridge`` / ``images_to_latents`` decoded images -> the reward family's VAE latents -> score (slower)
 ``flow_grpo_reward``                Flow-GRPO / DiffusionNFT ``multi_score`` contract (images)
 ``flow_grpo_latent_reward``         the same, latent-native
 ``ddpo_reward_fn``                  trl DDPO / AlignProp ``reward_fn(images, prompts, metadata)``

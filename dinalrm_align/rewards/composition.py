@@ -77,7 +77,7 @@ class CompositeReward:
         self.components: list[tuple[str, Any, float]] = [(n, r, float(w)) for n, r, w in items]
         required = {f for _, r, _ in self.components for f in r.required_fields}
         optional = {f for _, r, _ in self.components for f in r.optional_fields} - required
-        order = (*P.FIELDS, P.TEXT)
+        order = (*P.FIELDS, P.TEXT, P.TEXT_UNPOOLED)
         self.required_fields: tuple[str, ...] = tuple(f for f in order if f in required)
         self.optional_fields: tuple[str, ...] = tuple(f for f in order if f in optional)
 
@@ -131,7 +131,7 @@ class CompositeReward:
         self,
         *,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds: Any = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompts: Sequence[str] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,
@@ -151,7 +151,7 @@ class CompositeReward:
         self,
         *,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds: Any = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompts: Sequence[str] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,
@@ -296,7 +296,7 @@ def as_composite(
         return CompositeReward({name: (DiNaLatentReward(reward, pipeline, name=name, **kwargs), 1.0)})
     if isinstance(reward, str) or hasattr(reward, "__fspath__"):
         if pipeline is None:
-            raise ValueError("loading a reward model by id or path needs the SD3 pipeline (pipeline=...)")
+            raise ValueError("loading a reward model by id or path needs its family's pipeline (pipeline=...)")
         return CompositeReward(
             {name: (DiNaLatentReward.from_pretrained(reward, pipeline, name=name, **kwargs), 1.0)}
         )

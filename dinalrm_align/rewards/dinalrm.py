@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dinalrm_align.backbones.conditioning import TextConditioning
 from dinalrm_align.rewards import protocol as P
 from dinalrm_align.rewards.normalization import ScoreNormalization, resolve_normalization
 from dinalrm_align.rewards.seeding import NoiseSeeding, batch_seeds, noise_from_seeds
@@ -24,18 +25,46 @@ from dinalrm_align.rewards.seeding import NoiseSeeding, batch_seeds, noise_from_
 def resolve_pipeline(
     pipeline: Any, *, torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None
 ) -> Any:
-    """A loaded SD3 pipeline: ``pipeline`` itself, or loaded from a hub id / folder."""
+    """A loaded pipeline (SD3.5, FLUX.1 or Z-Image): ``pipeline`` itself, or loaded from a tiny id, a hub id
+    or a folder."""
     if isinstance(pipeline, (str, Path)):
-        from dinalrm_align.reward_model.pipeline_loading import load_sd3_pipeline
+        from dinalrm_align.backbones.loading import load_any_pipeline
 
-        return load_sd3_pipeline(pipeline, torch_dtype=torch_dtype, device=device)
+        pipe, adapter = load_any_pipeline(str(pipeline), torch_dtype=torch_dtype, what="pipeline")
+        adapter.freeze_pipeline(pipe, torch_dtype or torch.float32)
+        return pipe.to(device) if device is not None else pipe
     return pipeline
 
 
 def _has_text_stack(pipeline: Any) -> bool:
-    return all(
-        getattr(pipeline, n, None) is not None for n in ("text_encoder", "text_encoder_2", "tokenizer")
-    )
+    return all(getattr(pipeline, n, None) is not None for n in ("text_encoder", "tokenizer"))
+
+
+def _check_same_family(model: Any, pipeline: Any) -> None:
+    """ValueError when ``pipeline`` is a supported pipeline of another family than the reward model."""
+    from dinalrm_align.backbones.registry import adapter_for
+
+    adapter = getattr(model, "adapter", None)
+    if adapter is None:
+        return
+    try:
+        family = adapter_for(pipeline).name
+    except ValueError:  # not a supported pipeline class: its text stack / VAE are used as they are
+        return
+    if family != adapter.name:
+        raise ValueError(
+            f"the reward model is a {adapter.name} model but the pipeline is a {type(pipeline).__name__} ({family}): "
+            f"pass the {adapter.name} pipeline (its text encoders and VAE produce what the model reads)"
+        )
+
+
+def key_embeddings(cond: TextConditioning) -> torch.Tensor:
+    """Per-sample vectors that identify the text (seeds without prompt strings): the pooled vector, or the
+    masked mean of the tokens for families without one."""
+    if cond.pooled is not None:
+        return cond.pooled
+    mask = cond.token_mask().to(cond.embeds.dtype).unsqueeze(-1)
+    return (cond.embeds * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
 class DiNaLatentReward:
@@ -43,8 +72,9 @@ class DiNaLatentReward:
 
     Args:
         model: the reward model (its device/dtype are used; it is not moved).
-        pipeline: optional SD3 pipeline; its text stack encodes ``prompts`` and its VAE serves the
-            pixel bridge. Without it the reward needs ``prompt_embeds``/``pooled_prompt_embeds``.
+        pipeline: optional pipeline of the reward model's family; its text stack encodes ``prompts`` and
+            its VAE serves the pixel bridge. Without it the reward needs ``prompt_embeds`` (and, for SD3.5 /
+            FLUX, ``pooled_prompt_embeds``; Z-Image has no pooled vector).
         name: key of this reward in composed outputs.
         u: noise level sigma in [0, 1] the clean latents are re-noised to (0.4 for generated latents,
             0.1 for encoded real images).
@@ -52,7 +82,7 @@ class DiNaLatentReward:
         normalization: ``"display"`` ((raw+10)/10, default), ``"fork"`` ((raw+12)/10), ``"raw"``,
             ``"model"`` (checkpoint's), ``(offset, scale)`` or a :class:`ScoreNormalization`.
         seeding: per-sample noise seeding (default ``NoiseSeeding("prompt", 0)``).
-        max_sequence_length: T5 length used to encode prompts (128 = DiNa-LRM training).
+        max_sequence_length: text length used to encode prompts (128 = DiNa-LRM training).
         prompt_cache_size: size of the LRU prompt-embedding cache (0 disables it).
     """
 
@@ -77,6 +107,12 @@ class DiNaLatentReward:
             raise ValueError(f"n_noise must be a positive integer, got {n_noise!r}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if pipeline is not None:
+            from dinalrm_align.reward_model.text import private_tokenizers
+
+            _check_same_family(model, pipeline)
+            # trainers keep encoding with the same pipeline in their own thread: tokenizers are not thread-safe
+            pipeline = private_tokenizers(pipeline)
         self.model = model
         self.pipeline = pipeline
         self.name = name
@@ -88,11 +124,15 @@ class DiNaLatentReward:
         self._cache = PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size > 0 else None
         self._lock = threading.RLock()
         self.has_text_stack = pipeline is not None and _has_text_stack(pipeline)
+        adapter = getattr(model, "adapter", None)
+        #: Whether the family has a pooled text vector (SD3.5, FLUX.1: yes; Z-Image: no).
+        self.pooled_text = adapter is None or adapter.pooled_width(model.backbone) is not None
+        embeddings = P.TEXT_EMBEDDINGS if self.pooled_text else (P.PROMPT_EMBEDS,)
         if self.has_text_stack:  # prompts are encoded here; given embeddings are used as they are
-            self.required_fields: tuple[str, ...] = (P.LATENTS, P.TEXT)
-            self.optional_fields: tuple[str, ...] = (P.PROMPTS, *P.TEXT_EMBEDDINGS, P.METADATA)
+            self.required_fields: tuple[str, ...] = (P.LATENTS, P.TEXT if self.pooled_text else P.TEXT_UNPOOLED)
+            self.optional_fields: tuple[str, ...] = (P.PROMPTS, *embeddings, P.METADATA)
         else:
-            self.required_fields = (P.LATENTS, *P.TEXT_EMBEDDINGS)
+            self.required_fields = (P.LATENTS, *embeddings)
             self.optional_fields = (P.PROMPTS, P.METADATA)
 
     # ------------------------------------------------------------------ construction
@@ -107,11 +147,11 @@ class DiNaLatentReward:
         share_base_weights: bool = False,
         **kwargs: Any,
     ) -> DiNaLatentReward:
-        """Load the reward model (hub id or folder) on ``pipeline``'s transformer.
+        """Load the reward model (hub id, folder or tiny id) on ``pipeline``'s transformer.
 
-        ``pipeline`` is a loaded ``StableDiffusion3Pipeline`` (it may be the policy's: the reward
-        copies the first blocks and strips any policy LoRA from its copy) or a hub id / folder to
-        load one from. ``kwargs`` go to the constructor (``u``, ``normalization``, ``seeding`` ...).
+        ``pipeline`` is a loaded pipeline of the reward model's family (it may be the policy's: the reward
+        copies the first blocks and strips any policy LoRA from its copy) or a tiny id / hub id / folder
+        to load one from. ``kwargs`` go to the constructor (``u``, ``normalization``, ``seeding`` ...).
         """
         from dinalrm_align.reward_model.model import LatentRewardModel
 
@@ -136,45 +176,46 @@ class DiNaLatentReward:
     def conditions(
         self,
         batch_size: int,
-        prompt_embeds: torch.Tensor | None,
+        prompt_embeds: Any,
         pooled_prompt_embeds: torch.Tensor | None,
         prompts: Sequence[str] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text conditions on the model's device: the given embeddings, or ``prompts`` encoded."""
-        if (prompt_embeds is None) != (pooled_prompt_embeds is None):
-            raise ValueError("pass both prompt_embeds and pooled_prompt_embeds, or neither (and prompts)")
+    ) -> TextConditioning:
+        """Text conditioning (:class:`TextConditioning`) on the model's device: the given embeddings, or
+        ``prompts`` encoded with the pipeline's text stack."""
         if prompt_embeds is None:
+            if pooled_prompt_embeds is not None:
+                raise ValueError("pooled_prompt_embeds was given without prompt_embeds")
             if prompts is None:
-                raise ValueError(
-                    f"reward {self.name!r} needs prompts or prompt_embeds + pooled_prompt_embeds"
-                )
+                raise ValueError(f"reward {self.name!r} needs prompts or prompt_embeds (+ pooled_prompt_embeds)")
             if not self.has_text_stack:
                 raise ValueError(
-                    f"reward {self.name!r} has no SD3 text encoders (built without a pipeline): "
-                    "pass prompt_embeds and pooled_prompt_embeds"
+                    f"reward {self.name!r} has no text encoders (built without a pipeline): pass prompt_embeds "
+                    "(and pooled_prompt_embeds for SD3.5 / FLUX; Z-Image has none)"
                 )
             prompts = P.check_prompts(prompts, batch_size)
-            from dinalrm_align.reward_model.text import encode_prompts
+            from dinalrm_align.reward_model.text import encode_conditioning
 
-            prompt_embeds, pooled_prompt_embeds = encode_prompts(
-                self.pipeline, prompts, self.max_sequence_length, cache=self._cache
-            )
-        device = self.model.device
-        return prompt_embeds.to(device), pooled_prompt_embeds.to(device)  # type: ignore[union-attr]
+            cond = encode_conditioning(self.pipeline, prompts, self.max_sequence_length, cache=self._cache)
+        else:
+            cond = self.model.conditioning(prompt_embeds, pooled_prompt_embeds)
+        if len(cond) != batch_size:
+            raise ValueError(f"got {batch_size} latents but {len(cond)} prompt embeddings")
+        return cond.to(device=self.model.device)
 
     def seeds_for(
         self,
         batch_size: int,
         prompts: Sequence[str] | None,
-        pooled_prompt_embeds: torch.Tensor | None,
+        key_embeds: torch.Tensor | None,
         metadata: Sequence[Mapping[str, Any]] | None,
     ) -> list[int]:
-        """Per-sample noise seeds (:func:`~dinalrm_align.rewards.seeding.batch_seeds`)."""
+        """Per-sample noise seeds (:func:`~dinalrm_align.rewards.seeding.batch_seeds`); ``key_embeds`` (B, D)
+        identify the texts when no prompt strings are given."""
         return batch_seeds(
             self.seeding,
             batch_size=batch_size,
             prompts=prompts,
-            pooled_prompt_embeds=pooled_prompt_embeds,
+            pooled_prompt_embeds=key_embeds,
             metadata=metadata,
             step=self.step,
         )
@@ -183,7 +224,7 @@ class DiNaLatentReward:
         self,
         *,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds: Any = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompts: Sequence[str] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,
@@ -198,21 +239,15 @@ class DiNaLatentReward:
         b = P.batch_size_of(latents)
         n = self.n_noise if n_noise is None else n_noise
         with self._lock:
-            pe, pooled = self.conditions(b, prompt_embeds, pooled_prompt_embeds, prompts)
+            cond = self.conditions(b, prompt_embeds, pooled_prompt_embeds, prompts)
             if seeds is None:
-                seeds = self.seeds_for(b, prompts, pooled, metadata)
+                seeds = self.seeds_for(b, prompts, key_embeddings(cond), metadata)
             elif len(seeds) != b:
                 raise ValueError(f"got {b} latents but {len(seeds)} seeds")
             device = self.model.device
             noise = noise_from_seeds(seeds, latents.shape[1:], n_noise=n, dtype=latents.dtype, device=device)
-            raw = self.model.score(
-                latents.to(device),
-                prompt_embeds=pe,
-                pooled_prompt_embeds=pooled,
-                u=self.u if u is None else u,
-                noise=noise,
-                n_noise=n,
-            )
+            raw = self.model.score_conditioning(latents.to(device), cond, u=self.u if u is None else u,
+                                                noise=noise, n_noise=n)
         return raw.float().to(latents.device)
 
     # ------------------------------------------------------------------ protocol
@@ -220,7 +255,7 @@ class DiNaLatentReward:
         self,
         *,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds: Any = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompts: Sequence[str] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,
@@ -240,7 +275,7 @@ class DiNaLatentReward:
         self,
         *,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds: Any = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompts: Sequence[str] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,
@@ -257,10 +292,11 @@ class DiNaLatentReward:
         return self.normalization(raw)
 
     def describe(self) -> dict[str, Any]:
-        """Settings for logs: u, sigma actually used, n_noise, normalisation, seeding."""
+        """Settings for logs: backbone, u, sigma actually used, n_noise, normalisation, seeding."""
         sigma = float(self.model.sigma_for(self.u)[0][0])
         return {
             "name": self.name,
+            "backbone": getattr(getattr(self.model, "adapter", None), "name", None),
             "u": self.u,
             "sigma": sigma,
             "n_noise": self.n_noise,

@@ -10,11 +10,11 @@ device=...)``, gathers them across ranks, trains on ``"avg"`` and logs each key 
 ``numpy.ndarray`` of shape (B,) and dtype float32 (what ``torch.as_tensor`` and the numpy
 statistics downstream expect).
 
-``images`` there are float tensors (B, 3, H, W) in [0, 1] decoded by the SD3 VAE; they are
-re-encoded by the pixel bridge (slower). Forks that keep the final latents (the upstream
-DiNa-LRM alignment fork, DiffusionNFT, which stores clean latents) should call
-:class:`FlowGRPOLatentReward` instead: ``fn(latents, prompt_embeds, pooled_prompt_embeds,
-metadata=None)``, same return value, no VAE at all.
+``images`` there are float tensors (B, 3, H, W) in [0, 1] decoded by the policy's VAE; they are
+re-encoded by the pixel bridge with the VAE of the reward model's family (SD3.5, FLUX.1 or Z-Image;
+slower). Forks that keep the final latents (the upstream DiNa-LRM alignment fork, DiffusionNFT,
+which stores clean latents) should call :class:`FlowGRPOLatentReward` instead: ``fn(latents,
+prompt_embeds, pooled_prompt_embeds=None, metadata=None)``, same return value, no VAE at all.
 
 Reward noise is seeded per sample (see :mod:`dinalrm_align.rewards.seeding`), never per rank;
 ``only_strict`` and ``ref_images`` are accepted for signature compatibility and ignored.
@@ -46,13 +46,13 @@ class FlowGRPOReward:
 
     Args:
         reward: the composite to evaluate (see :func:`flow_grpo_reward` to build one).
-        pipeline: SD3 pipeline whose VAE re-encodes the images.
+        pipeline: the reward model's pipeline (SD3.5, FLUX.1 or Z-Image) whose VAE re-encodes the images.
     """
 
     def __init__(self, reward: CompositeReward, pipeline: Any) -> None:
         if getattr(pipeline, "vae", None) is None:
             raise ValueError(
-                "the image-based Flow-GRPO reward needs the SD3 pipeline (its VAE re-encodes images)"
+                "the image-based Flow-GRPO reward needs the reward model's pipeline (its VAE re-encodes images)"
             )
         self.reward = reward
         self.pipeline = pipeline
@@ -75,8 +75,9 @@ class FlowGRPOReward:
     def as_scorer(self) -> Callable[..., tuple[np.ndarray, dict[str, Any]]]:
         """A single scorer ``fn(images, prompts, metadata) -> ((B,) float32 "avg", {})``.
 
-        For registering next to Flow-GRPO's own rewards inside its ``multi_score``
-        (``score_functions["dinalrm"] = lambda: scorer``).
+        For mixing with Flow-GRPO's own rewards: Flow-GRPO builds its reward table inside ``multi_score``
+        (a local variable, not a registry), so combine the two with
+        :func:`dinalrm_align.integrations.flow_grpo.flow_grpo_latent_multi_score` instead.
         """
 
         def scorer(images: Any, prompts: Sequence[str], metadata: Sequence[Any] | None = None):
@@ -91,12 +92,14 @@ class FlowGRPOReward:
 
 
 class FlowGRPOLatentReward:
-    """``fn(latents, prompt_embeds, pooled_prompt_embeds, metadata=None) -> (details, {})``, no VAE.
+    """``fn(latents, prompt_embeds, pooled_prompt_embeds=None, metadata=None) -> (details, {})``, no VAE.
 
-    ``latents`` (B, 16, h, w) SD3-normalised (the trajectory's last entry); embeddings as the
-    trainer computed them for the policy (``max_sequence_length`` should be 128, the reward's
-    training length). ``prompts`` (keyword) are optional: they key the per-sample noise seeds
-    (else the pooled embeddings do) and let components that need text strings run.
+    ``latents`` (B, 16, h, w) normalised and unpacked (the trajectory's last entry; FLUX's packed
+    latents must be unpacked first); embeddings as the trainer computed them for the policy with the
+    family's ``encode_prompt`` (SD3.5 / FLUX.1: a (B, L, D) tensor and pooled (B, P); Z-Image: the list of
+    (L_i, D) tensors and ``None``; ``max_sequence_length`` should be 128, the reward's training length).
+    ``prompts`` (keyword) are optional: they key the per-sample noise seeds (else the embeddings do) and
+    let components that need text strings run.
     """
 
     def __init__(self, reward: CompositeReward) -> None:
@@ -105,8 +108,8 @@ class FlowGRPOLatentReward:
     def __call__(
         self,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
+        prompt_embeds: Any,
+        pooled_prompt_embeds: torch.Tensor | None = None,
         metadata: Sequence[Any] | None = None,
         *,
         prompts: Sequence[str] | None = None,
@@ -130,8 +133,8 @@ def flow_grpo_reward(reward: Any, pipeline: Any, *, name: str = "dinalrm", **kwa
     Args:
         reward: a reward model id / folder, a ``LatentRewardModel``, a latent reward or a
             :class:`CompositeReward` (see :func:`~dinalrm_align.rewards.composition.as_composite`).
-        pipeline: the SD3 pipeline (VAE for the images; text encoders for the prompts), or a hub
-            id / folder to load it from. It can be the policy's own pipeline.
+        pipeline: the reward model's pipeline (SD3.5, FLUX.1 or Z-Image: VAE for the images, text encoders
+            for the prompts), or a tiny id / hub id / folder to load it from. It can be the policy's own.
         name: key of the reward in the returned dict (when ``reward`` is a single reward).
         kwargs: ``DiNaLatentReward`` options: ``u`` (0.4), ``normalization`` (``"display"``
             (raw+10)/10; ``"fork"`` (raw+12)/10 as the upstream fork; ``"raw"``), ``seeding``,
@@ -144,7 +147,7 @@ def flow_grpo_reward(reward: Any, pipeline: Any, *, name: str = "dinalrm", **kwa
 def flow_grpo_latent_reward(
     reward: Any, pipeline: Any = None, *, name: str = "dinalrm", **kwargs: Any
 ) -> FlowGRPOLatentReward:
-    """The latent-native variant ``fn(latents, prompt_embeds, pooled_prompt_embeds, metadata=None)``.
+    """The latent-native variant ``fn(latents, prompt_embeds, pooled_prompt_embeds=None, metadata=None)``.
 
     Same arguments as :func:`flow_grpo_reward`; ``pipeline`` is only needed to load a model by id.
     """

@@ -36,11 +36,12 @@ class RewardModelOutput:
 
 
 class PointwiseLatentRewardModel:
-    """Flow-Factory-style pointwise reward on SD3 latents (or images through the pixel bridge).
+    """Flow-Factory-style pointwise reward on latents (or images through the pixel bridge).
 
     Args:
         reward: reward model id / folder, ``LatentRewardModel``, latent reward or composite.
-        pipeline: SD3 pipeline (text encoders; VAE for ``image`` inputs).
+        pipeline: the reward model's pipeline (SD3.5, FLUX.1 or Z-Image: text encoders; VAE for ``image``
+            inputs).
         kwargs: ``DiNaLatentReward`` options (``u``, ``normalization``, ``seeding`` ...).
     """
 
@@ -61,7 +62,7 @@ class PointwiseLatentRewardModel:
         condition_videos: Any = None,
         *,
         latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds: Any = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         metadata: Sequence[Any] | None = None,
     ) -> RewardModelOutput:
@@ -139,7 +140,7 @@ class LatentRewardBackend:
     def compute_rewards_differentiable_latents(
         self, latents: torch.Tensor, prompts: Sequence[str], records: Sequence[Any] | None = None
     ) -> torch.Tensor:
-        """(B,) rewards of SD3 latents, differentiable w.r.t. ``latents`` (no VAE in the graph)."""
+        """(B,) rewards of latents, differentiable w.r.t. ``latents`` (no VAE in the graph)."""
         details = self.reward.score_differentiable_details(
             latents=latents, prompts=list(prompts), metadata=P.check_metadata(records, int(latents.shape[0]))
         )

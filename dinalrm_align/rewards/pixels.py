@@ -1,8 +1,9 @@
-"""Pixel bridge: decoded images -> SD3 VAE latents -> latent reward (the slower path).
+"""Pixel bridge: decoded images -> VAE latents -> latent reward (the slower path).
 
 For trainers that only hand over pixels (Flow-GRPO's ``multi_score``, trl DDPO/AlignProp,
-Flow-Factory image rewards). Each image is VAE-encoded with the reward pipeline's SD3 VAE
-(posterior mean, SD3 normalisation ``(z - shift) * scale``) by
+Flow-Factory image rewards). Each image is VAE-encoded with the reward pipeline's own VAE (SD3.5,
+FLUX.1 or Z-Image; the posterior *mean*, so the same image always gives the same latents, with the
+family's normalisation ``(z - shift) * scale``) by
 :func:`dinalrm_align.reward_model.images.encode_images`, one image per VAE call. Prefer the
 latent-native entry points when the trainer has the latents: they skip the decode *and* this
 encode (and the encode-decode round trip is not exactly the identity).
@@ -28,14 +29,15 @@ def images_to_latents(
     *,
     differentiable: bool = False,
 ) -> torch.Tensor:
-    """VAE-encode ``images`` into SD3-normalised latents (B, 16, h, w) float32 on the VAE's device.
+    """VAE-encode ``images`` into normalised, unpacked latents (B, 16, h, w) float32 on the VAE's device
+    (posterior mean: deterministic).
 
     With ``differentiable=True`` gradients flow from the latents back to float image tensors
     (AlignProp-style reward back-propagation through pixels).
     """
     if pipeline is None or getattr(pipeline, "vae", None) is None:
-        raise ValueError("the pixel bridge needs an SD3 pipeline with a VAE (pipeline=...)")
-    latents = encode_images(pipeline, images, differentiable=differentiable)
+        raise ValueError("the pixel bridge needs the reward model's pipeline with a VAE (pipeline=...)")
+    latents = encode_images(pipeline, images, sample_posterior=False, differentiable=differentiable)
     shapes = sorted({tuple(z.shape) for z in latents})
     if len(shapes) > 1:
         raise ValueError(f"images of one call must have the same size; they give latents of shapes {shapes}")
@@ -52,7 +54,7 @@ class PixelBridge:
 
     def __init__(self, reward: Any, pipeline: Any) -> None:
         if getattr(pipeline, "vae", None) is None:
-            raise ValueError("PixelBridge needs an SD3 pipeline with a VAE")
+            raise ValueError("PixelBridge needs the reward model's pipeline with a VAE")
         self.reward = reward
         self.pipeline = pipeline
 

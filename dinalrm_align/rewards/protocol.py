@@ -2,21 +2,28 @@
 
 A *latent reward* is called with keyword arguments only and returns one float per sample::
 
-    scores = reward(latents=latents,                       # (B, 16, h, w) SD3-normalised latents
-                    prompt_embeds=pe, pooled_prompt_embeds=pooled,   # (B, 77+L, D), (B, P)  -- or --
+    scores = reward(latents=latents,                       # (B, 16, h, w) normalised, unpacked latents
+                    prompt_embeds=pe, pooled_prompt_embeds=pooled,   # the family's text outputs  -- or --
                     prompts=["a cat", ...],                # B strings
                     metadata=[{...}, ...])                 # B dicts (optional; e.g. {"seed": 3})
     scores.shape == (B,); scores.dtype == torch.float32
 
 Conventions:
 
-* ``latents`` are SD3-normalised: ``(vae_latent - shift_factor) * scaling_factor``, exactly what
-  ``StableDiffusion3Pipeline(..., output_type="latent")`` returns (never pixels, never raw VAE latents).
+* ``latents`` are the reward family's normalised VAE latents ``(vae_latent - shift_factor) * scaling_factor``,
+  unpacked to ``(B, 16, h, w)``: what ``StableDiffusion3Pipeline`` / ``ZImagePipeline(..., output_type="latent")``
+  return; ``FluxPipeline`` returns them packed ``(B, N, 64)``: unpack with
+  :func:`dinalrm_align.backbones.flux.unpack_latents` (never pixels, never raw VAE latents).
+* Text embeddings are what the family's pipeline ``encode_prompt`` returns: SD3.5 ``(B, 77 + L, D)`` and
+  pooled ``(B, P)``; FLUX.1 ``(B, L, D)`` and pooled ``(B, P)``; Z-Image a list of ``(L_i, D)`` tensors and
+  no pooled vector (``None``). A :class:`~dinalrm_align.backbones.conditioning.TextConditioning` is accepted
+  as ``prompt_embeds`` too.
 * The call never builds a graph: it scores under ``torch.no_grad`` (GRPO, DDPO, NFT, logging).
 * A reward declares what it needs in ``required_fields`` and what it can additionally use in
   ``optional_fields`` (field names below), so a trainer or :class:`~dinalrm_align.rewards.CompositeReward`
   knows what to pass. The requirement ``"text"`` means *either* ``prompts`` *or* both
-  ``prompt_embeds`` and ``pooled_prompt_embeds`` (a reward that can encode prompts itself).
+  ``prompt_embeds`` and ``pooled_prompt_embeds`` (a reward that can encode prompts itself);
+  ``"text_unpooled"`` (families without a pooled vector, Z-Image) means ``prompts`` or ``prompt_embeds``.
 * Gradients are a separate, opt-in capability: :class:`DifferentiableLatentReward` adds
   ``score_differentiable(...)`` with the same arguments, returning scores differentiable w.r.t.
   ``latents`` (ReFL, DRaFT, AlignProp). A remote reward never has it.
@@ -39,15 +46,18 @@ FIELDS: tuple[str, ...] = (LATENTS, PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS, PROMPTS
 TEXT_EMBEDDINGS: tuple[str, ...] = (PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS)
 #: Requirement token: ``prompts``, or ``prompt_embeds`` + ``pooled_prompt_embeds``.
 TEXT = "text"
+#: Requirement token of families without a pooled text vector (Z-Image): ``prompts``, or ``prompt_embeds``.
+TEXT_UNPOOLED = "text_unpooled"
 
 
 @runtime_checkable
 class LatentReward(Protocol):
-    """A no-grad reward on SD3 latents: keyword-only call -> float32 tensor (B,).
+    """A no-grad reward on latents: keyword-only call -> float32 tensor (B,).
 
     Attributes:
         name: short name used as the key of this reward in composed outputs and logs.
-        required_fields: fields the caller must pass (names from :data:`FIELDS`, or :data:`TEXT`).
+        required_fields: fields the caller must pass (names from :data:`FIELDS`, :data:`TEXT` or
+            :data:`TEXT_UNPOOLED`).
         optional_fields: fields used when given (e.g. embeddings instead of re-encoding prompts).
     """
 
@@ -59,7 +69,7 @@ class LatentReward(Protocol):
         self,
         *,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds: Any = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompts: Sequence[str] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,
@@ -74,7 +84,7 @@ class DifferentiableLatentReward(LatentReward, Protocol):
         self,
         *,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds: Any = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompts: Sequence[str] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,
@@ -87,9 +97,11 @@ def provided_fields(**inputs: Any) -> set[str]:
 
 
 def satisfies(requirement: str, available: set[str]) -> bool:
-    """Whether the passed fields meet one requirement (a field name or :data:`TEXT`)."""
+    """Whether the passed fields meet one requirement (a field name, :data:`TEXT` or :data:`TEXT_UNPOOLED`)."""
     if requirement == TEXT:
         return PROMPTS in available or set(TEXT_EMBEDDINGS) <= available
+    if requirement == TEXT_UNPOOLED:
+        return PROMPTS in available or PROMPT_EMBEDS in available
     return requirement in available
 
 
@@ -116,7 +128,11 @@ def batch_size_of(latents: Any) -> int:
     """B of a (B, C, h, w) latent tensor, with a clear error for anything else."""
     if not isinstance(latents, torch.Tensor) or latents.dim() != 4:
         shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"latents must be a (B, C, h, w) tensor, got {shape}")
+        hint = ""
+        if isinstance(latents, torch.Tensor) and latents.dim() == 3:
+            hint = (" (packed FLUX latents (B, N, 64), as FluxPipeline returns them with output_type='latent'? "
+                    "unpack them with dinalrm_align.backbones.flux.unpack_latents(latents, h, w))")
+        raise ValueError(f"latents must be a (B, C, h, w) tensor, got {shape}{hint}")
     return int(latents.shape[0])
 
 

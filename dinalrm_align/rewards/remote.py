@@ -31,7 +31,10 @@ class RemoteLatentReward:
         normalization: applied to the raw scores on the client (default ``"display"``).
         seeding: per-sample noise seeding (default ``NoiseSeeding("prompt", 0)``).
         timeout: seconds per request.
+        token: bearer token of a server started with one (default: ``$DINALRM_SERVER_TOKEN``).
         client: an existing :class:`~dinalrm_align.serving.client.RewardClient` (else one is made).
+        pooled_text: whether the server's model family has a pooled text vector (SD3.5, FLUX.1: True;
+            Z-Image: False, see ``/info``'s ``pooled_width``); it only sets the declared fields.
     """
 
     def __init__(
@@ -45,7 +48,9 @@ class RemoteLatentReward:
         normalization: Any = "display",
         seeding: NoiseSeeding | None = None,
         timeout: float = 300.0,
+        token: str | None = None,
         client: Any = None,
+        pooled_text: bool = True,
     ) -> None:
         if send not in ("auto", "embeddings", "prompts"):
             raise ValueError(f"send must be 'auto', 'embeddings' or 'prompts', got {send!r}")
@@ -54,7 +59,7 @@ class RemoteLatentReward:
         if client is None:
             from dinalrm_align.serving.client import RewardClient
 
-            client = RewardClient(url, timeout=timeout)
+            client = RewardClient(url, timeout=timeout, token=token)
         self.client = client
         self.name = name
         self.send = send
@@ -63,15 +68,17 @@ class RemoteLatentReward:
         self.normalization: ScoreNormalization = resolve_normalization(normalization)
         self.seeding = seeding if seeding is not None else NoiseSeeding()
         self.step = 0
+        self.pooled_text = bool(pooled_text)
+        embeddings = P.TEXT_EMBEDDINGS if self.pooled_text else (P.PROMPT_EMBEDS,)
         if send == "embeddings":
-            self.required_fields: tuple[str, ...] = (P.LATENTS, *P.TEXT_EMBEDDINGS)
+            self.required_fields: tuple[str, ...] = (P.LATENTS, *embeddings)
             self.optional_fields: tuple[str, ...] = (P.PROMPTS, P.METADATA)
         elif send == "prompts":
             self.required_fields = (P.LATENTS, P.PROMPTS)
             self.optional_fields = (P.METADATA,)
         else:  # auto: embeddings when given, else prompts
-            self.required_fields = (P.LATENTS, P.TEXT)
-            self.optional_fields = (P.PROMPTS, *P.TEXT_EMBEDDINGS, P.METADATA)
+            self.required_fields = (P.LATENTS, P.TEXT if self.pooled_text else P.TEXT_UNPOOLED)
+            self.optional_fields = (P.PROMPTS, *embeddings, P.METADATA)
 
     def set_step(self, step: int) -> None:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -82,25 +89,34 @@ class RemoteLatentReward:
         self,
         *,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds: Any = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompts: Sequence[str] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,
     ) -> torch.Tensor:
         """Raw server scores (B,) float32 on ``latents``' device."""
+        from dinalrm_align.backbones.conditioning import TextConditioning
+        from dinalrm_align.rewards.dinalrm import key_embeddings
+
         b = P.batch_size_of(latents)
         use_embeddings = self.send == "embeddings" or (self.send == "auto" and prompt_embeds is not None)
-        if use_embeddings and (prompt_embeds is None or pooled_prompt_embeds is None):
+        if use_embeddings and prompt_embeds is None:
             raise ValueError(
-                f"reward {self.name!r} sends embeddings: pass prompt_embeds and pooled_prompt_embeds"
+                f"reward {self.name!r} sends embeddings: pass prompt_embeds (and pooled_prompt_embeds for SD3.5 / FLUX)"
             )
         if not use_embeddings and prompts is None:
             raise ValueError(f"reward {self.name!r} sends prompts: pass prompts")
+        key = None
+        if prompts is None and prompt_embeds is not None:
+            cond = prompt_embeds if isinstance(prompt_embeds, TextConditioning) else (
+                TextConditioning.from_list(list(prompt_embeds)) if isinstance(prompt_embeds, (list, tuple))
+                else TextConditioning(prompt_embeds, pooled_prompt_embeds))
+            key = key_embeddings(cond)
         seeds = batch_seeds(
             self.seeding,
             batch_size=b,
             prompts=prompts,
-            pooled_prompt_embeds=pooled_prompt_embeds,
+            pooled_prompt_embeds=key,
             metadata=metadata,
             step=self.step,
         )
@@ -123,7 +139,7 @@ class RemoteLatentReward:
         self,
         *,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds: Any = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         prompts: Sequence[str] | None = None,
         metadata: Sequence[Mapping[str, Any]] | None = None,

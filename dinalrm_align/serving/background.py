@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from typing import Any
 
 
 class BackgroundServer:
     """``with BackgroundServer(app) as server: RewardClient(server.url)``; always shut down on exit.
 
-    Binds ``host`` (loopback by default) on ``port`` (0 = a free port chosen by the OS).
+    Binds ``host`` (loopback by default) on ``port`` (0 = a free port chosen by the OS). The server
+    is a :class:`~dinalrm_align.serving.runner.RewardServer`: ``stop()`` is the same graceful
+    shutdown as SIGTERM on ``dinalrm-align serve``.
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0) -> None:
-        import uvicorn
+        from dinalrm_align.serving.runner import RewardServer, exposure_warning, server_config
 
-        config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", lifespan="on", access_log=False
-        )
-        self._server = uvicorn.Server(config)
+        settings = getattr(app.state, "settings", None)
+        warning = exposure_warning(host, getattr(settings, "token", None))
+        if warning:
+            warnings.warn(warning, stacklevel=2)
+        config = server_config(app, host=host, port=port, log_level="warning", access_log=False)
+        self._server = RewardServer(config)
         self._thread: threading.Thread | None = None
         self.host = host
         self.port = port
@@ -44,7 +49,7 @@ class BackgroundServer:
         self.port = int(sockets[0].getsockname()[1])
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         if self._thread is None:
             return
         self._server.should_exit = True

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dinalrm_align.reward_model import validation
+from dinalrm_align.backbones.conditioning import TextConditioning
 from dinalrm_align.rewards.dinalrm import DiNaLatentReward
 from dinalrm_align.serving.wire import PayloadError, ScoreRequest
 
@@ -29,39 +29,60 @@ class ScoringEngine:
         self.reward = reward
         self.model_id = model_id
         self.pipeline_id = pipeline_id
-        bb = reward.model.backbone
-        self.in_channels = int(bb.in_channels)
-        self.patch_size = int(bb.patch_size)
-        self.pos_embed_max_size = bb.pos_embed_max_size
-        self.joint_attention_dim = int(bb.joint_attention_dim)
-        self.pooled_projection_dim = int(bb.pooled_projection_dim)
+        model = reward.model
+        self.adapter = model.adapter
+        self.backbone = model.backbone
+        self.in_channels = int(self.adapter.latent_channels(model.backbone))
+        self.patch_size = int(self.adapter.latent_multiple(model.backbone))
+        self.max_latent_side = self.adapter.max_latent_side(model.backbone)
+        self.text_width = int(self.adapter.text_width(model.backbone))
+        self.pooled_width = self.adapter.pooled_width(model.backbone)
 
     # ------------------------------------------------------------------ checks (request thread)
+    @property
+    def requires_pooled(self) -> bool:
+        """Whether embedding requests must carry ``pooled_prompt_embeds`` (SD3.5 and FLUX.1: yes)."""
+        return self.pooled_width is not None
+
+    @staticmethod
+    def conditioning(req: ScoreRequest) -> TextConditioning | None:
+        """The request's text embeddings as a :class:`TextConditioning` (None for prompt requests)."""
+        if req.prompt_embeds is None:
+            return None
+        mask = req.prompt_embeds_mask
+        if mask is not None and bool(mask.all()):
+            mask = None
+        return TextConditioning(req.prompt_embeds, req.pooled_prompt_embeds, mask)
+
     def validate(self, req: ScoreRequest) -> None:
         """Raise :class:`PayloadError` (422) if the request does not fit the model."""
-        try:
-            validation.check_latents(
-                req.latents,
-                in_channels=self.in_channels,
-                patch_size=self.patch_size,
-                pos_embed_max_size=self.pos_embed_max_size,
+        if req.prompt_embeds is not None and req.pooled_prompt_embeds is None and self.requires_pooled:
+            raise PayloadError(
+                f"this {self.adapter.name} model needs both prompt_embeds and pooled_prompt_embeds (or prompts instead)"
             )
-            if req.prompt_embeds is not None:
-                validation.check_text_conditions(
-                    req.prompt_embeds,
-                    req.pooled_prompt_embeds,
-                    batch_size=req.batch_size,
-                    joint_attention_dim=self.joint_attention_dim,
-                    pooled_projection_dim=self.pooled_projection_dim,
-                )
+        mask = req.prompt_embeds_mask
+        if mask is not None and not self.adapter.variable_length_text and not bool(mask.all()):
+            raise PayloadError(
+                f"this {self.adapter.name} model reads every text token (fixed-length text): prompt_embeds_mask may "
+                "not mark padding; it is for variable-length text (Z-Image)"
+            )
+        try:
+            self.adapter.check_latents(req.latents, self.backbone)
+            cond = self.conditioning(req)
+            if cond is not None:
+                self.adapter.check_conditioning(cond, self.backbone, req.batch_size)
         except ValueError as exc:
             raise PayloadError(str(exc)) from exc
         if req.prompts is not None and not self.reward.has_text_stack:
-            raise PayloadError("this server has no text encoders: send prompt_embeds + pooled_prompt_embeds")
+            raise PayloadError("this server has no text encoders: send prompt_embeds (and pooled_prompt_embeds)")
 
     def group_key(self, req: ScoreRequest) -> Hashable:
         """Requests with equal keys can be concatenated into one forward pass."""
-        text = "prompts" if req.prompts is not None else int(req.prompt_embeds.shape[1])  # type: ignore[union-attr]
+        if req.prompts is not None:
+            text: Hashable = "prompts"
+        else:
+            text = (int(req.prompt_embeds.shape[1]), req.pooled_prompt_embeds is not None,  # type: ignore[union-attr]
+                    req.prompt_embeds_mask is not None)
         return (tuple(req.latents.shape[1:]), self.u_of(req), self.n_noise_of(req), text)
 
     def u_of(self, req: ScoreRequest) -> float:
@@ -84,10 +105,9 @@ class ScoringEngine:
         latents = torch.cat([r.latents for r in requests])
         seeds = [s for r in requests for s in r.seeds]
         prompts = [p for r in requests for p in r.prompts] if first.prompts is not None else None  # type: ignore[union-attr]
-        pe = pooled = None
+        cond = None
         if prompts is None:
-            pe = torch.cat([r.prompt_embeds for r in requests])  # type: ignore[misc]
-            pooled = torch.cat([r.pooled_prompt_embeds for r in requests])  # type: ignore[misc]
+            cond = TextConditioning.cat([self.conditioning(r) for r in requests])  # type: ignore[misc]
         total = latents.shape[0]
         step = total if max_rows is None else max(1, max_rows)
         parts = []
@@ -96,8 +116,7 @@ class ScoringEngine:
             parts.append(
                 self.reward.score_raw(
                     latents=latents[rows].to(self.reward.model.device),
-                    prompt_embeds=pe[rows] if pe is not None else None,
-                    pooled_prompt_embeds=pooled[rows] if pooled is not None else None,
+                    prompt_embeds=cond[rows] if cond is not None else None,
                     prompts=prompts[rows] if prompts is not None else None,
                     seeds=seeds[rows],
                     u=self.u_of(first),
@@ -122,8 +141,11 @@ class ScoringEngine:
             "normalization": self.reward.normalization.as_dict(),
             "max_sequence_length": self.reward.max_sequence_length,
             "text_encoders": self.reward.has_text_stack,
+            "backbone": self.adapter.name,
             "latent_channels": self.in_channels,
-            "max_latent_size": (self.pos_embed_max_size or 0) * self.patch_size or None,
-            "joint_attention_dim": self.joint_attention_dim,
-            "pooled_projection_dim": self.pooled_projection_dim,
+            "latent_multiple": self.patch_size,
+            "max_latent_size": self.max_latent_side,
+            "text_width": self.text_width,
+            "pooled_width": self.pooled_width,
+            "variable_length_text": self.adapter.variable_length_text,
         }
