@@ -3,7 +3,7 @@
 Everything runs in one process, workloads alternate round-robin, medians of the repeats are
 reported, and only ratios are meant to be read (absolute CPU times say nothing about a GPU).
 
-Scale (preset ``small``, see ``benchmarks/common.py``): SD3.5-Medium, its VAE and CLIP ViT-H/14
+Scale (preset ``small``, see ``benchmarks/configs.py``): SD3.5-Medium, its VAE and CLIP ViT-H/14
 with every width divided by 8 and every depth kept (24 policy blocks, 12 reward blocks + head,
 a 4-level VAE decoder, a 32-layer ViT at 224 px). The matmul FLOPs of each workload at this scale
 are counted too (meta device), so that time ratios can be compared with FLOP ratios.
@@ -153,22 +153,24 @@ class Workbench:
             )
 
     def ensemble_separate(self) -> torch.Tensor:
-        """K backbone passes in a Python loop, then the same single read-out of all K levels."""
-        from dinalrm_align.reward_model.noise import add_noise
-
+        """K backbone passes in a Python loop (``rm.features`` at each level's table sigma, shared noise),
+        then the same single read-out of all K levels."""
         x = self.inputs
         rm = self.rm
-        b = x["latents"].shape[0]
-        levels: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []
+        levels = []
         with torch.no_grad():
             for u in ENSEMBLE_US:
-                sigma, timestep = rm.sigma_for(u)
-                noisy = add_noise(x["latents"], x["noise"], sigma.expand(b))
-                levels.append(rm.backbone(noisy, x["prompt_embeds"], x["pooled_prompt_embeds"], timestep.expand(b)))
-            temb = torch.cat([lv[0] for lv in levels])
-            vis = [torch.cat([lv[1][i] for lv in levels]) for i in range(len(levels[0][1]))]
-            txt = [torch.cat([lv[2][i] for lv in levels]) for i in range(len(levels[0][2]))]
-            raw = rm.reward_head.forward_ensemble(vis, txt, temb, num_levels=len(ENSEMBLE_US))
+                sigma, _ = rm.sigma_for(u)
+                levels.append(rm.features(x["latents"], x["prompt_embeds"], x["pooled_prompt_embeds"],
+                                          sigma=sigma, noise=x["noise"]))
+            temb = torch.cat([f.temb for f in levels])
+            vis = [torch.cat([f.image[i] for f in levels]) for i in range(len(levels[0].image))]
+            txt = [torch.cat([f.text[i] for f in levels]) for i in range(len(levels[0].text))]
+            mask = None
+            if any(f.text_mask is not None for f in levels):
+                mask = torch.cat([f.text_mask if f.text_mask is not None
+                                  else torch.ones(f.text[0].shape[:2], dtype=torch.bool) for f in levels])
+            raw = rm.reward_head.forward_ensemble(vis, txt, temb, num_levels=len(ENSEMBLE_US), text_mask=mask)
         return raw.float()[:, 0]
 
 

@@ -82,21 +82,20 @@ class GpuBench:
     @contextlib.contextmanager
     def checkpointing(self, on: bool) -> Iterator[None]:
         """Gradient checkpointing of policy, reward backbone, VAE decoder and CLIP towers."""
-        for m in (self.policy, self.vae):
+        # the reward model's backbone is its own truncated copy of the diffusers transformer
+        for m in (self.policy, self.vae, self.rm.backbone):
             if on:
                 m.enable_gradient_checkpointing()
             else:
                 m.disable_gradient_checkpointing()
-        self.rm.backbone.gradient_checkpointing = on
         self._clip_checkpointing(on)
         try:
             yield
         finally:
             if on:
                 self._clip_checkpointing(False)
-                for m in (self.policy, self.vae):
+                for m in (self.policy, self.vae, self.rm.backbone):
                     m.disable_gradient_checkpointing()
-                self.rm.backbone.gradient_checkpointing = False
 
     def _clip_checkpointing(self, on: bool) -> None:
         """transformers checkpoints only in train mode; CLIP has no dropout, so train() is harmless."""

@@ -1,8 +1,9 @@
-"""The architecture minimum of DiNa-LRM, written independently of ``dinalrm_align.reward_model``.
+"""The architecture minimum of DiNa-LRM on SD3.5, written independently of ``dinalrm_align.reward_model``.
 
-Two independent counts of what one reward call *must* compute (spec dina_lrm.md 1.2-1.5):
+Two independent counts of what one reward call *must* compute (the SD3 embedders, blocks
+``1..max(taps)``, the reward LoRA and the query head; nothing after the deepest tap):
 
-* :class:`ReferenceLatentReward` -- a compact re-implementation (from the spec's description,
+* :class:`ReferenceLatentReward` -- a compact re-implementation (from the published description,
   not from the package) running the SD3 embedders, blocks ``1..max(taps)`` and the query head,
   with the backbone LoRA either as explicit low-rank matmuls (``lora="unmerged"``, what PEFT does)
   or folded into the frozen weights (``lora="merged"``: zero extra work, possible whenever the
@@ -11,7 +12,10 @@ Two independent counts of what one reward call *must* compute (spec dina_lrm.md 
 * :func:`analytic_forward_flops` -- closed-form matmul FLOPs of the same forward, a cross-check
   of the counted reference (they agree exactly; see ``tests/test_benchmarks.py``).
 
-Anything the project's ``LatentRewardModel`` computes beyond these numbers is overhead.
+The head (:func:`reference_head`, :func:`analytic_head_flops`) and the LoRA wrapper (:func:`wrap_lora`) are
+shared with the FLUX.1 / Z-Image minimum (``benchmarks.reference_families``). Anything the project's
+``LatentRewardModel`` computes beyond these numbers is overhead; :func:`analytic_output_layer_flops` is
+the closed form of SD3's output layers, which a forward of the whole transformer would also run.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Suffixes of the linears that carry the reward LoRA (PEFT suffix match, spec 1.5).
+#: Suffixes of the linears that carry the reward LoRA (PEFT suffix match).
 LORA_SUFFIXES: tuple[str, ...] = (
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
 )
@@ -47,17 +51,18 @@ class _LowRankLinear(nn.Module):
 
 
 class _FiLM(nn.Module):
-    """Timestep FiLM of one tapped map, then a projection to a quarter width."""
+    """Optional input projection to the head width, timestep FiLM, then a projection to a quarter width."""
 
-    def __init__(self, dim: int, cond_dim: int) -> None:
+    def __init__(self, token_dim: int, cond_dim: int, width: int, proj_in: bool) -> None:
         super().__init__()
-        self.cond = nn.Sequential(nn.Linear(cond_dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, 2 * dim))
-        self.embed = nn.Parameter(torch.zeros(1, 1, dim))
-        self.out = nn.Linear(dim, dim // 4)
+        self.proj_in = nn.Linear(token_dim, width) if (proj_in or token_dim != width) else nn.Identity()
+        self.cond = nn.Sequential(nn.Linear(cond_dim, 2 * width), nn.SiLU(), nn.Linear(2 * width, 2 * width))
+        self.embed = nn.Parameter(torch.zeros(1, 1, width))
+        self.out = nn.Linear(width, width // 4)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.cond(temb)[:, None].chunk(2, dim=-1)
-        return self.out(x * (1 + scale) + shift + self.embed)
+        return self.out(self.proj_in(x) * (1 + scale) + shift + self.embed)
 
 
 class _QueryAttention(nn.Module):
@@ -96,12 +101,18 @@ class _QueryAttention(nn.Module):
 
 
 class _ReferenceHead(nn.Module):
-    """FiLM per tap -> aggregation -> gated query attention (visual + text) -> visual attention -> FFN -> mean."""
+    """FiLM per tap -> aggregation -> gated query attention (visual + text) -> visual attention -> FFN -> mean.
 
-    def __init__(self, dim: int, n_visual: int, n_text: int, num_queries: int, heads: int) -> None:
+    ``token_dim``: width of the tapped tokens; ``cond_dim``: width of the timestep embedding; ``width``: the
+    head's own width (``proj_in`` maps the taps to it; always on when the two widths differ).
+    """
+
+    def __init__(self, token_dim: int, cond_dim: int, width: int, n_visual: int, n_text: int, num_queries: int,
+                 heads: int, proj_in: bool = False) -> None:
         super().__init__()
-        self.film_v = nn.ModuleList(_FiLM(dim, dim) for _ in range(n_visual))
-        self.film_t = nn.ModuleList(_FiLM(dim, dim) for _ in range(n_text))
+        dim = width
+        self.film_v = nn.ModuleList(_FiLM(token_dim, cond_dim, dim, proj_in) for _ in range(n_visual))
+        self.film_t = nn.ModuleList(_FiLM(token_dim, cond_dim, dim, proj_in) for _ in range(n_text))
         self.agg_v = nn.Linear(n_visual * (dim // 4), dim)
         self.agg_t = nn.Linear(n_text * (dim // 4), dim) if n_text else None
         self.queries = nn.Parameter(torch.zeros(1, num_queries, dim))
@@ -121,6 +132,43 @@ class _ReferenceHead(nn.Module):
         q = self.read_visual(q, [v])
         q = q + self.ff(self.ff_norm(q))
         return self.out(q).mean(dim=(1, 2))
+
+
+def wrap_lora(module: nn.Module, suffixes: Sequence[str], lora_config: Mapping[str, Any],
+              skip: Sequence[str] = ()) -> int:
+    """Wrap every ``nn.Linear`` of ``module`` whose name ends with one of ``suffixes`` (and with none of
+    ``skip``) in an unmerged LoRA of ``lora_config`` (``r``, ``lora_alpha``); returns how many were wrapped."""
+    wrapped = 0
+    for name, child in list(module.named_modules()):
+        if not isinstance(child, nn.Linear) or not name.endswith(tuple(suffixes)):
+            continue
+        if skip and name.endswith(tuple(skip)):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        low_rank = _LowRankLinear(child, int(lora_config["r"]), float(lora_config["lora_alpha"]))
+        if isinstance(parent, nn.ModuleList):
+            parent[int(attr)] = low_rank
+        else:
+            setattr(parent, attr, low_rank)
+        wrapped += 1
+    return wrapped
+
+
+def reference_head(transformer: nn.Module, model_section: Mapping[str, Any], token_dim: int,
+                   temb_dim: int) -> _ReferenceHead:
+    """The reference head for the config's taps and ``reward_head`` section, on ``transformer``'s device and
+    dtype (``width`` -1 = ``token_dim``)."""
+    vis = list(model_section["visual_head_idx"])
+    txt = list(model_section["text_head_idx"]) if model_section.get("use_text_features", True) else []
+    head = model_section["reward_head"]
+    width = int(head.get("width", -1))
+    width = token_dim if width == -1 else width
+    param = next(transformer.parameters())
+    with torch.device(param.device):
+        out = _ReferenceHead(token_dim, temb_dim, width, len(vis), len(txt), int(head["num_queries"]),
+                             int(head["num_attn_heads"]), proj_in=bool(head.get("use_proj_in", False)))
+    return out.to(dtype=param.dtype)
 
 
 class ReferenceLatentReward(nn.Module):
@@ -151,28 +199,13 @@ class ReferenceLatentReward(nn.Module):
             "freeze_backbone", False
         )
         if use_lora:
-            cfg = model_section["lora_config"]
             n = int(model_section["num_transformer_layers"])
             skip_last_context = not (txt and txt[-1] == n)
             for index, block in enumerate(self.blocks):
-                for name, module in list(block.named_modules()):
-                    if not isinstance(module, nn.Linear) or not name.endswith(LORA_SUFFIXES):
-                        continue
-                    if skip_last_context and index == n - 1 and name.startswith("attn.") and name.endswith(_CONTEXT_SUFFIXES):
-                        continue
-                    parent_name, _, child = name.rpartition(".")
-                    parent = block.get_submodule(parent_name)
-                    wrapped = _LowRankLinear(module, int(cfg["r"]), float(cfg["lora_alpha"]))
-                    if isinstance(parent, nn.ModuleList):
-                        parent[int(child)] = wrapped
-                    else:
-                        setattr(parent, child, wrapped)
+                skip = _CONTEXT_SUFFIXES if (skip_last_context and index == n - 1) else ()
+                wrap_lora(block, LORA_SUFFIXES, model_section["lora_config"], skip=skip)
         dim = int(transformer.config.num_attention_heads * transformer.config.attention_head_dim)
-        head = model_section["reward_head"]
-        device = next(transformer.parameters()).device
-        with torch.device(device):
-            self.head = _ReferenceHead(dim, len(vis), len(txt), int(head["num_queries"]), int(head["num_attn_heads"]))
-        self.head.to(dtype=next(transformer.parameters()).dtype)
+        self.head = reference_head(transformer, model_section, token_dim=dim, temb_dim=dim)
         self.requires_grad_(False)
         self.eval()
 
@@ -245,11 +278,41 @@ def analytic_forward_flops(
             if i == n_layers - 1 and not (txt and txt[-1] == n_layers):
                 ctx_linears = 0
             lora_flops += 2 * b * (img_linears * n + ctx_linears * m) * r * 2 * d
+    head = analytic_head_flops(model_section, token_dim=d, temb_dim=d, image_tokens=n, text_tokens=m, batch=b)
+    total = embed + blocks + lora_flops + head
+    return {"embed": embed, "blocks": blocks, "lora": lora_flops, "head": head, "total": total}
+
+
+def analytic_output_layer_flops(transformer_config: Mapping[str, Any], image_tokens: int, batch: int = 1) -> int:
+    """Closed-form FLOPs of SD3's output layers (``norm_out``'s AdaLN linear on ``temb`` and ``proj_out`` on
+    the image tokens): not part of the reward's minimum (the head never reads them), but run by a forward
+    of the whole diffusers transformer."""
+    c = transformer_config
+    d = int(c["num_attention_heads"] * c["attention_head_dim"])
+    p = int(c["patch_size"])
+    out_channels = int(c.get("out_channels") or c["in_channels"])
+    return 2 * batch * d * 2 * d + 2 * batch * image_tokens * d * p * p * out_channels
+
+
+def analytic_head_flops(
+    model_section: Mapping[str, Any], token_dim: int, temb_dim: int, image_tokens: int, text_tokens: int,
+    batch: int = 1,
+) -> int:
+    """Closed-form FLOPs (2 per MAC) of the query head on ``image_tokens`` / ``text_tokens`` tapped tokens of
+    width ``token_dim``, FiLM-conditioned on a ``temb_dim`` embedding (the ``reward_head`` section's width,
+    -1 = ``token_dim``; an input projection when ``use_proj_in`` or the widths differ)."""
     head_cfg = model_section["reward_head"]
+    vis = list(model_section["visual_head_idx"])
+    txt = list(model_section["text_head_idx"]) if model_section.get("use_text_features", True) else []
+    d = int(head_cfg.get("width", -1))
+    d = token_dim if d == -1 else d
     q = int(head_cfg["num_queries"])
+    n, m, b = image_tokens, text_tokens, batch
     f = d // 4
     nv, nt = len(vis), len(txt)
-    head = (nv + nt) * 2 * b * (d * 2 * d + 2 * d * 2 * d)  # FiLM condition MLPs
+    head = (nv + nt) * 2 * b * (temb_dim * 2 * d + 2 * d * 2 * d)  # FiLM condition MLPs
+    if head_cfg.get("use_proj_in", False) or token_dim != d:
+        head += 2 * b * (nv * n + nt * m) * token_dim * d  # input projections to the head width
     head += 2 * b * (nv * n + nt * m) * d * f  # per-tap projections
     head += 2 * b * (n * nv * f * d + (m * nt * f * d if nt else 0))  # aggregation
     ctx1 = n + (m if nt else 0)
@@ -259,5 +322,4 @@ def analytic_forward_flops(
     head += 2 * 2 * b * q * ctx1 * d  # attn1 SDPA (two softmaxes, same total)
     head += 2 * b * q * d * d * 2 + 2 * b * n * d * d * 2 + 2 * 2 * b * q * n * d  # attn2
     head += 2 * b * q * d * 4 * d * 2 + 2 * b * q * d  # FFN + output
-    total = embed + blocks + lora_flops + head
-    return {"embed": embed, "blocks": blocks, "lora": lora_flops, "head": head, "total": total}
+    return head

@@ -19,8 +19,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import common as C  # noqa: E402
+from benchmarks import families  # noqa: E402
 from benchmarks.measure import PeakTensorMemory, alternating_medians  # noqa: E402
-from benchmarks.reference import ReferenceLatentReward, analytic_forward_flops  # noqa: E402
+from benchmarks.reference import (  # noqa: E402
+    ReferenceLatentReward,
+    analytic_forward_flops,
+    analytic_output_layer_flops,
+)
+from benchmarks.reference_families import (  # noqa: E402
+    ReferenceFluxReward,
+    ReferenceZImageReward,
+    analytic_flux_forward_flops,
+    analytic_zimage_forward_flops,
+)
 
 
 def _finite_positive(x: float) -> bool:
@@ -56,17 +67,66 @@ def test_reference_minimum_matches_closed_form_and_project() -> None:
         )
         assert counted.forward == closed["total"] > 0
     rm = C.build_reward_model(preset, tr, device="meta")
-    with C.skip_finite_checks_on_meta():
-        project = C.count_flops(
-            lambda: rm.score(
-                x["latents"],
-                prompt_embeds=x["prompt_embeds"],
-                pooled_prompt_embeds=x["pooled_prompt_embeds"],
-                noise=x["noise"],
-            )
+
+    def score():
+        return rm.score(
+            x["latents"], prompt_embeds=x["prompt_embeds"], pooled_prompt_embeds=x["pooled_prompt_embeds"], noise=x["noise"]
         )
+
+    with C.skip_finite_checks_on_meta():
+        project = C.count_flops(score)
+        output_layers = C.unused_output_flops(rm, score)
     unmerged = analytic_forward_flops(preset.transformer, preset.rm_model, n_img, n_txt, lora=True)
-    assert project.forward == unmerged["total"]
+    # the project computes the minimum exactly, plus (if its backbone forward runs them) the transformer's
+    # output layers, which the head never reads
+    assert output_layers in (0, analytic_output_layer_flops(preset.transformer, n_img))
+    assert project.forward == unmerged["total"] + output_layers
+
+
+@pytest.mark.parametrize("name", families.FAMILIES)
+def test_family_reward_equals_the_architecture_minimum_exactly(name: str) -> None:
+    """FLUX.1 / Z-Image at tiny size: the project's reward model computes exactly its kept blocks, embedders,
+    reward LoRA and head, forward and backward, as counted on an independent re-implementation and in closed
+    form (64 px: 16 image tokens, which Z-Image pads to 32, and a 16-token caption, padded to 32)."""
+    fam = families.get_family(name, "tiny")
+    tr = families.build_transformer(fam)
+    x = families.inputs(fam, 64, 16)
+    rm = families.build_reward_model(fam, tr)
+    z = x["latents"]
+    project = C.count_flops(lambda: rm.score(z.detach().requires_grad_(True), prompt_embeds=x["prompt_embeds"],
+                                             pooled_prompt_embeds=x["pooled_prompt_embeds"], u=0.4,
+                                             noise=x["noise"]), backward=True)
+    counted = {}
+    for lora in ("unmerged", "merged"):
+        if name == "flux":
+            ref = ReferenceFluxReward(tr, fam.reward_model, lora=lora)
+            counted[lora] = C.count_flops(lambda ref=ref: ref.score(z.detach().requires_grad_(True), x["noise"],
+                                          x["prompt_embeds"], x["pooled_prompt_embeds"], 0.4, 3.5), backward=True)
+            closed = analytic_flux_forward_flops(fam.transformer, fam.reward_model, 16, 16, lora=lora == "unmerged")
+        else:
+            ref = ReferenceZImageReward(tr, fam.reward_model, lora=lora)
+            counted[lora] = C.count_flops(lambda ref=ref: ref.score(z.detach().requires_grad_(True), x["noise"],
+                                          x["prompt_embeds"], 0.4), backward=True)
+            closed = analytic_zimage_forward_flops(fam.transformer, fam.reward_model, 16, 16, lora=lora == "unmerged")
+        assert counted[lora].forward == closed["total"] > 0
+        assert closed["lora"] == 0 if lora == "merged" else closed["lora"] > 0
+    assert project.forward == counted["unmerged"].forward
+    assert project.total == counted["unmerged"].total > project.forward
+    assert counted["merged"].total < counted["unmerged"].total
+    # the reward stops at its deepest tap: nothing of the dropped blocks or output layers is counted
+    assert C.unused_output_flops(rm, lambda: rm.score(z, prompt_embeds=x["prompt_embeds"],
+                                                      pooled_prompt_embeds=x["pooled_prompt_embeds"],
+                                                      noise=x["noise"])) == 0
+
+
+def test_families_reject_unknown_names_and_presets() -> None:
+    with pytest.raises(ValueError, match="unknown family"):
+        families.get_family("sdxl")
+    with pytest.raises(ValueError, match="presets 'full' and 'tiny'"):
+        families.get_family("flux", "small")
+    full = families.get_family("zimage")
+    assert (full.num_steps, full.k_low, full.k_high, full.embedded_guidance) == (8, 4, 7, None)
+    assert families.sequence_tokens(full, 1024, 100) == (4096, 128)  # captions padded to a multiple of 32
 
 
 def test_peak_tensor_memory_and_timing() -> None:
@@ -96,6 +156,8 @@ def test_flops_script_tiny(tmp_path: Path) -> None:
 
     out = tmp_path / "flops.json"
     md = tmp_path / "flops.md"
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Benchmarks\n")
     flops.main(
         [
             "--preset",
@@ -104,12 +166,16 @@ def test_flops_script_tiny(tmp_path: Path) -> None:
             "64",
             "--t5-lengths",
             "16",
+            "--family-text-length",
+            "16",
             "--vlm-cap",
             "0",
             "--json",
             str(out),
             "--markdown",
             str(md),
+            "--update-doc",
+            str(doc),
         ]
     )
     data = json.loads(out.read_text())
@@ -127,8 +193,11 @@ def test_flops_script_tiny(tmp_path: Path) -> None:
         assert _finite_positive(c["forward"]) and c["total"] > c["forward"], key
     for key in ("pixel_clip", "pixel_vlm"):
         assert entry[key]["total"] > entry[key]["forward"] > 0
-    assert entry["latent_reward"]["forward"] == entry["analytic_forward"]["unmerged_lora"]["total"]
-    assert entry["overhead"]["forward_vs_minimum_unmerged"] == pytest.approx(0.0)
+    output_layers = entry["latent_reward_output_layers_forward"]
+    assert output_layers in (0, analytic_output_layer_flops(C.get_preset("tiny").transformer, entry["image_tokens"]))
+    minimum = entry["analytic_forward"]["unmerged_lora"]["total"]
+    assert entry["latent_reward"]["forward"] == minimum + output_layers
+    assert entry["overhead"]["forward_vs_minimum_unmerged"] == pytest.approx(output_layers / minimum)
     assert all(_finite_positive(v) for v in entry["ratios"].values())
     assert len(entry["refl"]) == len(flops.SCENARIOS)
     for row in entry["refl"]:
@@ -142,6 +211,35 @@ def test_flops_script_tiny(tmp_path: Path) -> None:
     assert math.isfinite(comparison["reward_fwd_reduction_pct"])
     text = md.read_text()
     assert "| resolution |" in text and "ours / pixel+VLM" in text
+    # FLUX.1-dev and Z-Image-Turbo rows
+    assert set(data["families"]) == {"flux", "zimage"}
+    for name, fam in data["families"].items():
+        (e,) = fam["configs"]
+        assert (e["resolution"], e["text_length"]) == (64, 16)
+        ours, minimum = e["latent_reward"], e["reference_unmerged_lora"]
+        assert (ours["forward"], ours["total"]) == (minimum["forward"], minimum["total"]), name
+        assert ours["forward"] == e["analytic_forward"]["unmerged_lora"]["total"]
+        assert e["overhead"]["fwd_bwd_vs_minimum_unmerged"] == 0 and e["overhead"]["forward_vs_minimum_merged"] > 0
+        assert e["latent_reward_output_layers_forward"] == 0
+        assert e["vae_decode"] == entry["vae_decode"]  # the FLUX AE has the SD3 VAE's architecture
+        assert e["policy_graded_fwd_bwd"]["total"] > e["policy_forward"] > 0
+        steps = fam["sampling"]
+        assert not steps["cfg"] and steps["k_high"] < steps["num_steps"]
+        assert [r["graded_per_rollout"] for r in e["refl"]] == [1, 2, 4]
+        g1 = e["refl"][0]
+        assert g1["rollout"] == pytest.approx(g1["rollout_steps"] * e["policy_forward"])
+        assert g1["rollout_steps"] == pytest.approx((steps["k_low"] + steps["k_high"]) / 2)
+        for row in e["refl"]:
+            assert row["total_ours"] == pytest.approx(row["rollout"] + row["graded_step"] + row["reward_ours"])
+            assert row["total_ratio_ours_over_pixel_vlm_g1"] <= row["total_ratio_ours_over_pixel_vlm"] + 1e-12
+        assert e["refl"][1]["rollout"] < g1["rollout"]  # amortised over two graded steps
+        half = e["half_vlm_cost"]
+        assert half["floor_same_recipe"] == pytest.approx(g1["update_ratio_ours_over_pixel_vlm"])
+        if half["graded_per_rollout"] is not None:
+            assert half["ratio"] <= 0.5 and half["k_window"][1] == steps["k_high"]
+    assert "FLUX.1-dev and Z-Image-Turbo" in text and "ReFL per graded sample, Z-Image-Turbo" in text
+    body = doc.read_text()
+    assert body.count("<!-- flops:begin -->") == 1 and body.count("<!-- flops-families:begin -->") == 1
 
 
 def test_cpu_script_tiny(tmp_path: Path) -> None:
