@@ -397,3 +397,45 @@ def test_shared_reward_backbone_with_lora_policy(tmp_path):
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     params = dict(rm.named_parameters())
     assert all(torch.equal(params[n], v) for n, v in rm_before.items())
+
+
+def test_kl_penalty_to_the_lora_disabled_policy(tmp_path):
+    """kl_beta: the penalty is exactly 0 while the LoRA is still zero (v == v_ref), positive once it has
+    moved, adapters are enabled again after the reference forward, and a full fine-tune is refused."""
+    trainer = make_trainer(tmp_path, *FAST, "algorithm.kl_beta=10.0", "train.max_steps=3", "optim.lr=5e-2")
+    trainer.setup()
+    first = update(trainer)
+    assert first["train/kl_loss"] == 0.0
+    update(trainer)
+    later = update(trainer)
+    assert later["train/kl_loss"] > 0
+    ctx = trainer.algorithm.ctx  # the adapters are enabled again after the reference forward
+    x = torch.randn(1, *ctx.latent_shape, generator=torch.Generator().manual_seed(0))
+    cond = ctx.encode(["a red cube"])
+    with torch.no_grad():
+        v = ctx.denoiser(ctx.transformer)(x, 0.5, cond)
+        with ctx.reference_policy() as ref:
+            v_ref = ctx.denoiser(ref)(x, 0.5, cond)
+        again = ctx.denoiser(ctx.transformer)(x, 0.5, cond)
+    assert not torch.allclose(v, v_ref) and torch.equal(v, again)
+    with pytest.raises(ValueError, match="kl_beta > 0 needs a LoRA policy"):
+        make_trainer(tmp_path / "full", *FAST, "algorithm.kl_beta=1.0", "model.finetune=full").preflight()
+
+
+def test_ensemble_reward_is_the_models_multi_level_score(tmp_path):
+    """reward.ensemble scores with the model's DiNa-LRM* ensemble (one shared noise, levels concatenated)."""
+    trainer = make_trainer(tmp_path, *FAST, "reward.ensemble=[0.2,0.5,0.7]", "train.max_steps=1")
+    trainer.setup()
+    ctx = trainer.algorithm.ctx
+    prompts = ["a red cube", "a blue ball"]
+    cond = ctx.encode(prompts)
+    x0 = torch.randn(2, *ctx.latent_shape, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 2, *ctx.latent_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = ctx.score_reward(x0, cond, prompts, noise=noise)
+        want = ctx.reward.model.score_ensemble(x0, prompt_embeds=cond, us=[0.2, 0.5, 0.7], noise=noise[0])
+        single = ctx.reward.model.score_conditioning(x0, cond, u=0.4, noise=noise)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, single)
+    with pytest.raises(ValueError, match="reward.n_noise"):
+        make_trainer(tmp_path / "x", "reward.ensemble=[0.2,0.5]", "reward.n_noise=2")

@@ -493,3 +493,22 @@ def test_final_weights_are_published_atomically_with_ordinary_permissions(tmp_pa
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 8
     for folder in (tmp_path / "final", *(p for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())):
         assert folder.stat().st_mode & 0o777 == 0o777 & ~umask, folder
+
+
+def test_hacking_monitor_stop_rule_and_unmonitored_proxies():
+    """The rule fires when the learned reward rises while a watched proxy falls; a proxy with monitor: false is
+    logged (its gap too) but never stops the run."""
+    from dinalrm_align.trainer.evaluation import HackingMonitor
+
+    learned = [[0.0, 0.2], [1.0, 1.2], [2.0, 2.2]]
+    golden = [[1.0, 1.2], [0.5, 0.7], [0.0, 0.2]]
+    steady = [[1.0, 1.2], [1.0, 1.2], [1.1, 1.3]]
+    monitor = HackingMonitor(margin=0.5)
+    assert monitor.update(learned[0], {"golden": golden[0], "pick": steady[0]})[1] is None
+    metrics, reason = monitor.update(learned[1], {"golden": golden[1], "pick": steady[1]})
+    assert reason is not None and "golden" in reason
+    assert metrics["eval/hacking_gap/golden"] > metrics["eval/hacking_gap/pick"] > 0
+    quiet = HackingMonitor(margin=0.5)
+    for step in range(3):
+        metrics, reason = quiet.update(learned[step], {"golden": golden[step], "pick": steady[step]}, watched={"pick"})
+        assert reason is None and "eval/hacking_gap/golden" in metrics

@@ -27,9 +27,7 @@ Symbols: ``group_size`` = k (G in the GRPO paper), ``clip_range`` = epsilon, ``k
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -136,18 +134,6 @@ class GRPO(PolicyAlgorithm):
         return choose_sde_window(n, self.config.sde_window_size, self.config.window_range(n), generator=g)
 
     # ------------------------------------------------------------------ training
-    @contextlib.contextmanager
-    def _reference_policy(self, ctx: PolicyContext) -> Iterator[torch.nn.Module]:
-        """The unwrapped policy with all its adapters disabled (the KL reference); re-enabled on exit."""
-        transformer = ctx.transformer
-        if not getattr(transformer, "_hf_peft_config_loaded", False):
-            raise RuntimeError("the KL reference needs a LoRA policy (no adapter is loaded on the transformer)")
-        transformer.disable_adapters()
-        try:
-            yield transformer
-        finally:
-            transformer.enable_adapters()
-
     def _train_chunk(self, ctx: PolicyContext, chunk: torch.Tensor) -> dict[str, Any]:
         """One micro-step per trained step on the samples ``chunk`` of :attr:`buffer` (device metrics)."""
         from dinalrm_align.algorithms.losses import gaussian_mean_kl, ppo_clip_loss
@@ -167,7 +153,7 @@ class GRPO(PolicyAlgorithm):
             x_t, x_next, s, s_next = lat[:, j], lat[:, j + 1], sig[:, j], sig[:, j + 1]
             ref = None
             if c.kl_beta > 0:  # reference first: adapters are toggled before the graded forward
-                with torch.no_grad(), self._reference_policy(ctx) as ref_model, ctx.autocast():
+                with torch.no_grad(), ctx.reference_policy() as ref_model, ctx.autocast():
                     ref = step_log_prob(policy.with_transformer(ref_model), x_t, x_next, s, s_next, cond, **step_kwargs)
             with ctx.accumulate():
                 with ctx.autocast():

@@ -7,7 +7,9 @@ Nothing here branches on the backbone: everything family-specific goes through t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,6 +48,7 @@ class PolicyContext:
     model: torch.nn.Module | None = None
     _negative: dict[str, TextConditioning] = field(default_factory=dict)
     _schedules: dict[int, torch.Tensor] = field(default_factory=dict)
+    _text_cache: Any = None
 
     @property
     def accelerator(self) -> Any:
@@ -79,11 +82,27 @@ class PolicyContext:
 
     # ------------------------------------------------------------------ text, schedule, denoiser
     def encode(self, prompts: list[str]) -> TextConditioning:
-        """Policy conditioning of ``prompts`` (no grad, fp32, on the device)."""
-        from dinalrm_align.reward_model.text import encode_conditioning
+        """Policy conditioning of ``prompts`` (no grad, fp32, on the device; cached per prompt: prompts recur
+        every epoch and the text encoders are frozen)."""
+        from dinalrm_align.reward_model.text import PromptEmbeddingCache, encode_conditioning
 
+        if self._text_cache is None:
+            self._text_cache = PromptEmbeddingCache()
         return encode_conditioning(self.pipeline, list(prompts), self.config.sampling.max_sequence_length,
-                                   device=self.device, dtype=torch.float32)
+                                   device=self.device, dtype=torch.float32, cache=self._text_cache)
+
+    @contextlib.contextmanager
+    def reference_policy(self) -> Iterator[torch.nn.Module]:
+        """The unwrapped policy with all its adapters disabled (the KL reference of a LoRA policy); re-enabled
+        on exit."""
+        transformer = self.transformer
+        if not getattr(transformer, "_hf_peft_config_loaded", False):
+            raise RuntimeError("the KL reference needs a LoRA policy (no adapter is loaded on the transformer)")
+        transformer.disable_adapters()
+        try:
+            yield transformer
+        finally:
+            transformer.enable_adapters()
 
     def negative(self) -> TextConditioning:
         """Conditioning of ``sampling.negative_prompt`` (batch 1, cached)."""
@@ -121,7 +140,8 @@ class PolicyContext:
                      noise: torch.Tensor | None = None) -> torch.Tensor:
         """Raw reward ``(B,)`` of clean policy latents (differentiable when grad is enabled)."""
         rcfg = self.config.reward
-        return self.reward.score(latents, cond, prompts, u=rcfg.u, noise=noise, n_noise=rcfg.n_noise)
+        return self.reward.score(latents, cond, prompts, u=rcfg.u, noise=noise, n_noise=rcfg.n_noise,
+                                 ensemble=rcfg.ensemble)
 
     def normalize_reward(self, raw: torch.Tensor) -> torch.Tensor:
         """``(raw + offset) / scale``: ``reward.offset`` / ``reward.scale`` if set, else the model's own."""

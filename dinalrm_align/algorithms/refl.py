@@ -13,6 +13,7 @@ Per rollout::
 branches one graded step (one micro-step each) off every z_k: the expensive sampling is shared. With
 ``fm_lambda > 0`` each micro-step also computes the flow-matching loss on a (latent, prompt) dataset batch
 in the same policy forward and mixes ``(L_refl + lambda * L_fm) / (1 + lambda)`` (the fork's "pretrain loss").
+With ``kl_beta > 0`` the loss adds ``kl_beta * mean ||v - v_ref||^2`` (``v_ref``: the LoRA-disabled policy).
 The sampler, time convention and text stack are the policy backbone's (any supported family).
 """
 
@@ -47,6 +48,11 @@ class ReFLConfig(AlgorithmConfig):
         fm_sigma_sampling: noise levels of the regulariser: ``table_index`` (uniform index into the
             scheduler's 1000-entry training sigma table, as the fork), ``logit_normal`` (SD3 training) or
             ``uniform``.
+        kl_beta: weight of a penalty that keeps the policy near its base: ``kl_beta * mean ||v - v_ref||^2``
+            at the graded step, ``v_ref`` from the same transformer with its LoRA disabled (the KL between the
+            two policies' Gaussian transitions is proportional to it); one extra no-grad forward. Needs
+            ``model.finetune: lora``. Useful when the base is not a trained flow model (no data to
+            regularise with) or no flow-matching dataset is at hand.
     """
 
     name: str = "refl"
@@ -60,6 +66,7 @@ class ReFLConfig(AlgorithmConfig):
     fm_dataset: str | None = None
     fm_batch_size: int | None = None
     fm_sigma_sampling: Literal["table_index", "logit_normal", "uniform"] = "table_index"
+    kl_beta: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.k_min <= self.k_max:
@@ -77,6 +84,8 @@ class ReFLConfig(AlgorithmConfig):
             raise ValueError("algorithm.fm_lambda > 0 needs algorithm.fm_dataset (a latent dataset file)")
         if self.fm_batch_size is not None and self.fm_batch_size < 1:
             raise ValueError(f"algorithm.fm_batch_size must be >= 1, got {self.fm_batch_size}")
+        if self.kl_beta < 0:
+            raise ValueError(f"algorithm.kl_beta must be >= 0, got {self.kl_beta}")
 
 
 def refl_reward(
@@ -135,6 +144,9 @@ class ReFL(PolicyAlgorithm):
         return recipe.sampling.guidance_scale > 1.0 and (self.config.rollout_cfg or self.config.cfg_train)
 
     def validate(self, recipe: TrainConfig, world_size: int) -> None:
+        if self.config.kl_beta > 0 and recipe.model.finetune != "lora":
+            raise ValueError("algorithm.kl_beta > 0 needs a LoRA policy (model.finetune: lora): the reference is the "
+                             "policy with its LoRA disabled")
         n = recipe.sampling.num_steps
         if self.config.k_max >= n:
             raise ValueError(f"algorithm.k_max {self.config.k_max} must be < sampling.num_steps {n} (k indexes the schedule)")
@@ -224,11 +236,15 @@ class ReFL(PolicyAlgorithm):
         sigmas = ctx.schedule(cfg.sampling.num_steps)
         guidance = cfg.sampling.guidance_scale if self.config.cfg_train else 1.0
         denoiser = ctx.denoiser(ctx.model, guidance_scale=guidance, detach_uncond=self.config.detach_uncond)
-        raws, norms, losses, fm_losses, refl_losses = [], [], [], [], []
+        raws, norms, losses, fm_losses, refl_losses, kl_losses = [], [], [], [], [], []
         for k, z_k in zip(ks, z_ks):
             sigma_k = sigmas[k]
             rm_noise = self._randn(cfg.reward.n_noise, b, *ctx.reward_latent_shape).to(ctx.device)
             fm = self._fm_batch(ctx) if self.config.fm_lambda > 0 else None
+            v_ref = None
+            if self.config.kl_beta > 0:  # reference first: adapters are toggled before the graded forward
+                with torch.no_grad(), ctx.reference_policy() as ref_model, ctx.autocast():
+                    v_ref = ctx.denoiser(ref_model, guidance_scale=guidance)(z_k, sigma_k, cond).float()
             with ctx.accumulate():
                 with ctx.autocast():
                     if fm is None:
@@ -248,6 +264,10 @@ class ReFL(PolicyAlgorithm):
                         l_fm = flow_matching_loss(v_fm, noise_fm, x0_fm)
                         fm_losses.append(l_fm.detach())
                         loss = mix_regularized(loss, l_fm, self.config.fm_lambda)
+                    if v_ref is not None:
+                        kl = (v.float() - v_ref).pow(2).mean()
+                        kl_losses.append(kl.detach())
+                        loss = loss + self.config.kl_beta * kl
                 ctx.backward(loss)
             losses.append(loss.detach())
             raws.append(info["reward_raw"])
@@ -262,6 +282,8 @@ class ReFL(PolicyAlgorithm):
         if fm_losses:
             metrics["loss_refl"] = torch.stack(refl_losses).mean()
             metrics["loss_fm"] = torch.stack(fm_losses).mean()
+        if kl_losses:
+            metrics["kl_loss"] = torch.stack(kl_losses).mean()
         return metrics
 
     # ------------------------------------------------------------------ state

@@ -139,14 +139,19 @@ class RewardScorer:
         return reward_latents, cond
 
     def score(self, latents: torch.Tensor, cond: TextConditioning, prompts: list[str], *, u: float,
-              noise: torch.Tensor | None = None, n_noise: int = 1) -> torch.Tensor:
-        """Raw reward ``(B,)`` float32 of clean policy latents (differentiable w.r.t. ``latents``)."""
+              noise: torch.Tensor | None = None, n_noise: int = 1,
+              ensemble: list[float] | None = None) -> torch.Tensor:
+        """Raw reward ``(B,)`` float32 of clean policy latents (differentiable w.r.t. ``latents``); with
+        ``ensemble`` the multi-level DiNa-LRM* score (one shared noise ``noise[0]``)."""
         with self._context():
             if self.bridge is not None:
                 latents, cond = self._bridge(latents, prompts)
             x = latents.to(device=self.model.device, dtype=torch.float32)
-            return self.model.score_conditioning(x, cond.to(device=self.model.device), u=u, noise=noise,
-                                                 n_noise=n_noise, check=False).float()
+            cond = cond.to(device=self.model.device)
+            if ensemble:
+                eps = None if noise is None else noise.reshape(-1, *x.shape)[0]
+                return self.model.score_ensemble(x, prompt_embeds=cond, us=ensemble, noise=eps).float()
+            return self.model.score_conditioning(x, cond, u=u, noise=noise, n_noise=n_noise, check=False).float()
 
     def normalize(self, raw: torch.Tensor, offset: float | None = None, scale: float | None = None) -> torch.Tensor:
         """``(raw + offset) / scale`` with the model's own values where not given."""

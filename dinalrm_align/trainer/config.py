@@ -107,7 +107,9 @@ class RewardConfig:
         autocast: run the reward under the run's autocast; by default it runs in its own dtype (fp32)
             outside autocast, as the DiNa-LRM alignment recipes do.
         u: target noise level of the reward's re-noising (0.4 for generated latents).
-        n_noise: average the reward over this many noise draws.
+        ensemble: noise levels of the multi-level ensemble (DiNa-LRM*: one shared noise, the levels' tokens
+            concatenated, e.g. ``[0.2, 0.5, 0.7]``); replaces ``u`` when set (null: the single level ``u``).
+        n_noise: average the reward over this many noise draws (1 with ``ensemble``).
         offset, scale: ``normalize(raw) = (raw + offset) / scale`` (null: the model's own, +10 / 10;
             the DiNa-LRM alignment recipes use +12 / 10).
         gradient_checkpointing: recompute the reward backbone's activations in the backward pass (ReFL).
@@ -121,6 +123,7 @@ class RewardConfig:
     dtype: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     autocast: bool = False
     u: float = 0.4
+    ensemble: list[float] | None = None
     n_noise: int = 1
     offset: float | None = None
     scale: float | None = None
@@ -131,6 +134,11 @@ class RewardConfig:
         if not 0.0 <= self.u <= 1.0:
             raise ValueError(f"'reward.u' must be in [0, 1], got {self.u}")
         positive("reward.n_noise", self.n_noise)
+        if self.ensemble is not None:
+            if not self.ensemble or not all(0.0 <= u <= 1.0 for u in self.ensemble):
+                raise ValueError(f"'reward.ensemble' must be a non-empty list of levels in [0, 1], got {self.ensemble}")
+            if self.n_noise != 1:
+                raise ValueError("'reward.ensemble' shares one noise draw across its levels: set reward.n_noise to 1")
         if self.scale is not None and self.scale == 0:
             raise ValueError("'reward.scale' must be non-zero")
 
@@ -202,7 +210,8 @@ class ProxyRewardConfig:
     ``target`` is ``pkg.module:callable``, called as ``fn(inputs, prompts, **kwargs)`` with decoded images
     ``(B, 3, H, W)`` in [0, 1] (``inputs: images``) or latents ``(B, C, h, w)`` (``inputs: latents``),
     returning ``B`` scores; with ``factory: true`` it is called once with ``kwargs`` and must return such
-    a callable.
+    a callable. ``monitor: false`` logs an evaluation proxy without letting it fire ``eval.stop_on_hacking``
+    (a golden reward that only measures the outcome).
     """
 
     name: str = ""
@@ -210,6 +219,7 @@ class ProxyRewardConfig:
     inputs: Literal["images", "latents"] = "images"
     factory: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)
+    monitor: bool = True
 
     def __post_init__(self) -> None:
         if not self.target:

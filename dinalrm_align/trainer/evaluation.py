@@ -42,6 +42,7 @@ class ProxyReward:
     name: str
     inputs: str
     fn: ProxyFn
+    monitor: bool = True  # may fire the reward-hacking stop rule
 
     def __call__(self, inputs: torch.Tensor, prompts: list[str]) -> list[float]:
         out = self.fn(inputs, prompts)
@@ -80,7 +81,7 @@ def load_proxy_rewards(configs: Sequence[ProxyRewardConfig]) -> list[ProxyReward
             fn = obj
         if not callable(fn):
             raise ValueError(f"proxy reward {cfg.target!r} is not callable")
-        proxies.append(ProxyReward(cfg.name, cfg.inputs, fn))
+        proxies.append(ProxyReward(cfg.name, cfg.inputs, fn, cfg.monitor))
     return proxies
 
 
@@ -92,8 +93,10 @@ class HackingMonitor:
         self.first: dict[str, tuple[float, float]] = {}
         self.previous: dict[str, float] = {}
 
-    def update(self, learned: Sequence[float], proxies: dict[str, Sequence[float]]) -> tuple[dict[str, float], str | None]:
-        """``(metrics, stop_reason)`` for one evaluation's per-prompt values."""
+    def update(self, learned: Sequence[float], proxies: dict[str, Sequence[float]],
+               watched: set[str] | None = None) -> tuple[dict[str, float], str | None]:
+        """``(metrics, stop_reason)`` for one evaluation's per-prompt values; only proxies in ``watched``
+        (default: all) can give a stop reason."""
         values = {"learned": list(learned), **{k: list(v) for k, v in proxies.items()}}
         means = {k: float(np.mean(v)) for k, v in values.items()}
         for key, v in values.items():
@@ -108,7 +111,7 @@ class HackingMonitor:
             if name in self.previous and "learned" in self.previous:
                 learned_up = (means["learned"] - self.previous["learned"]) / s0 > self.margin
                 proxy_down = (self.previous[name] - means[name]) / ps > self.margin
-                if learned_up and proxy_down and reason is None:
+                if learned_up and proxy_down and reason is None and (watched is None or name in watched):
                     reason = (f"reward hacking: the learned reward rose while proxy '{name}' fell "
                               f"({self.previous[name]:.4f} -> {means[name]:.4f})")
         self.previous = means
@@ -196,7 +199,8 @@ class Evaluator:
         proxies = {p.name: [r["proxy"][p.name] for r in rows] for p in self.proxies}
         for name, values in proxies.items():
             metrics[f"eval/proxy/{name}"] = float(np.mean(values))
-        gap, reason = self.monitor.update(raws, proxies)
+        watched = {p.name for p in self.proxies if p.monitor}
+        gap, reason = self.monitor.update(raws, proxies, watched)
         metrics.update(gap)
         prompts = [self.prompts[r["index"]] for r in rows]
         table = []
