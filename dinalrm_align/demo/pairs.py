@@ -37,24 +37,30 @@ def sample_policy(
     max_sequence_length: int,
     batch_size: int = 32,
     transformer: Any = None,
+    cache: Any = None,
 ) -> torch.Tensor:
-    """Clean latents (N, C, h, w) of ``prompts[i]`` from start noise seeded by ``seeds[i]`` (Euler ODE, no CFG)."""
-    from dinalrm_align.reward_model.text import encode_prompts
-    from dinalrm_align.sampling.rollout import ode_rollout
-    from dinalrm_align.sampling.schedule import inference_schedule
+    """Clean latents (N, C, h, w) of ``prompts[i]`` from start noise seeded by ``seeds[i]`` (Euler ODE, no CFG),
+    on any supported backbone (through its adapter). ``transformer``: another policy transformer than the
+    pipeline's (e.g. one with a LoRA); ``cache``: a :class:`~dinalrm_align.reward_model.text.PromptEmbeddingCache`."""
+    from dinalrm_align.backbones.registry import adapter_for
+    from dinalrm_align.reward_model.text import encode_conditioning
+    from dinalrm_align.sampling.rollout import Denoiser, ode_rollout
 
     if len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
+    adapter = adapter_for(pipe)
     transformer = transformer if transformer is not None else pipe.transformer
-    sigmas, _ = inference_schedule(pipe.scheduler.config, num_steps)
+    sigmas, _ = adapter.inference_schedule(pipe.scheduler.config, num_steps, latent_shape[1:])
+    guidance = adapter.default_embedded_guidance if adapter.guidance_embedded(transformer) else None  # FLUX.1-dev
+    denoiser = Denoiser(adapter, transformer, guidance=guidance)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        pe, pooled = encode_prompts(pipe, chunk, max_sequence_length)
+        cond = encode_conditioning(pipe, chunk, max_sequence_length, dtype=torch.float32, cache=cache)
         noise = torch.stack(
             [torch.randn(latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds[start : start + batch_size]]
         )
-        out.append(ode_rollout(transformer, noise, sigmas, pe, pooled).float())
+        out.append(ode_rollout(denoiser, noise, sigmas, cond).float())
     return torch.cat(out)
 
 
@@ -101,16 +107,18 @@ def build_pairs(
     width: int,
     distractor_offset: float = 1.0,
     distractor_pattern: float = 0.5,
+    tint_std: float = 1.0,
 ) -> PairSet:
     """Candidates, golden rewards and labelled pairs.
 
-    Every latent yields ``tints_per_latent + 1`` candidates: itself and tinted copies; every tinted
+    Every latent yields ``tints_per_latent + 1`` candidates: itself and tinted copies (tints ``N(0, tint_std^2)``
+    per colour direction); every tinted
     copy also gets a distractor (:meth:`ColourOptics.distractors`). Pairs are drawn at random among
     all candidates of the same prompt (so across seeds too): ``pairs_per_prompt`` per prompt,
     skipping near-ties (golden gap below ``min_gap``).
     """
     n, k = latents.shape[0], tints_per_latent + 1
-    tints = torch.randn(n, k, 3, generator=generator)
+    tints = tint_std * torch.randn(n, k, 3, generator=generator)
     tints[:, 0] = 0.0  # the policy's own sample is always a candidate
     noise = optics.distractors(n * k, tuple(latents.shape[1:]), distractor_offset, distractor_pattern, generator)
     noise = noise.reshape(n, k, *latents.shape[1:])

@@ -72,14 +72,12 @@ def measure_colour(images: torch.Tensor) -> torch.Tensor:
 
 
 def decode(pipe: Any, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """SD3-normalised latents (B, 16, h, w) -> images (B, 3, H, W) in [0, 1] (as the trainer's eval decodes)."""
-    vae = pipe.vae
-    out = []
-    with torch.no_grad():
-        for i in range(0, latents.shape[0], batch_size):
-            z = latents[i : i + batch_size].to(vae.device, vae.dtype) / vae.config.scaling_factor
-            out.append((vae.decode(z + vae.config.shift_factor, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
-    return torch.cat(out).cpu()
+    """Normalised latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1], no grad, with the pipeline's
+    backbone adapter (any supported family; as the trainer's evaluation decodes)."""
+    from dinalrm_align.backbones.registry import adapter_for
+
+    adapter = adapter_for(pipe)
+    return torch.cat([adapter.decode(pipe, latents[i : i + batch_size]).cpu() for i in range(0, latents.shape[0], batch_size)])
 
 
 @dataclass
